@@ -1,0 +1,3 @@
+"""Imports every command module so that its commands attach to the ``tmu-admin`` group."""
+
+from tmu_core.cli import index_cmd  # noqa: F401

@@ -1,0 +1,1 @@
+"""tmu-admin index ...: placeholder until the index commands land."""
