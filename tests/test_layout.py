@@ -1,0 +1,24 @@
+"""The package's import rules: the library never loads TorchServe's ``ts`` nor ``click``."""
+
+import subprocess
+import sys
+
+
+def test_import_tmu_core_loads_neither_ts_nor_click():
+    code = (
+        "import sys, tmu_core, tmu_core.errors, tmu_core.config, tmu_core.device\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ts', 'click'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_cli_group_lists_its_commands():
+    from click.testing import CliRunner
+
+    from tmu_core.cli import cli
+
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
