@@ -1,0 +1,151 @@
+"""``tmu-admin package``, ``tmu-admin serve start|stop|status`` and ``tmu-admin predict``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from tmu_core.cli import cli
+from tmu_core.cli.common import echo_json, tmu_errors
+from tmu_core.config import Workspace
+from tmu_core.errors import ConflictError, ServerError
+from tmu_core.serving.archive import PackageResult, latest_archives, package_version
+from tmu_core.service.registry import VersionRegistry
+from tmu_core.serving.clients import InferenceClient
+from tmu_core.serving.torchserve import TorchServe, TorchServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+@cli.command("package")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_name", required=True, help="TorchServe model name (letters, digits, _ and -).")
+@click.option("--version", type=click.IntRange(min=1), default=None,
+              help="Version number (default: the registry's next version).")
+@click.option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
+              help="What the handler runs: the checked ONNX copy or the torch checkpoint.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="TorchServe batch size.")
+@click.option("--max-batch-delay", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Milliseconds TorchServe waits to fill a batch.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes per answer (capped at the number of classes).")
+@click.pass_obj
+def package(workspace: Workspace, checkpoint: Path, model_name: str, version: int | None, backend: str,
+            batch_size: int, max_batch_delay: int, top_k: int) -> None:
+    """Export CHECKPOINT to ONNX, check it, and write <model_store>/<model>-v<N>.mar."""
+    with tmu_errors():
+        registry = VersionRegistry(workspace.state_db)
+        if version is None:
+            version = registry.next_version(model_name)
+        elif any(r.version == version for r in registry.versions(model_name)):
+            raise ConflictError(f"model {model_name!r} already has a recorded version {version}; the next free "
+                                f"one is {registry.next_version(model_name)}")
+        result = package_version(checkpoint, workspace, model_name, version, backend=backend,
+                                 batch_size=batch_size, max_batch_delay=max_batch_delay, top_k=top_k)
+        _record(registry, result)
+    echo_json({"model": result.model, "version": result.version, "archive": str(result.archive),
+               "checkpoint": str(result.checkpoint), "onnx": str(result.onnx), "sha256": result.sha256s,
+               "onnx_max_abs_diff": result.onnx_check.max_abs_diff})
+
+
+def _record(registry: VersionRegistry, result: PackageResult) -> None:
+    # The first version of a model is the one to serve; a later one waits for a swap (forget job, rollback).
+    state = "serving" if registry.serving(result.model) is None else "superseded"
+    registry.record_version(result.model, result.version, result.archive, result.checkpoint, result.onnx,
+                            parent=None, forget_request=None,
+                            metrics={"onnx_max_abs_diff": result.onnx_check.max_abs_diff}, state=state)
+
+
+def _server(workspace: Workspace, config_path: Path | None = None) -> TorchServe:
+    """The workspace's server: the settings it was started with, else ``config_path``, else defaults."""
+    written = workspace.serve_dir / "config.properties"
+    source = written if written.is_file() and config_path is None else config_path
+    if source is None and Path("config.properties").is_file():
+        source = Path("config.properties")
+    if source is None:
+        return TorchServe(workspace, TorchServeConfig(model_store=workspace.model_store))
+    return TorchServe(workspace, TorchServeConfig.from_properties(source, workspace.model_store))
+
+
+@cli.group("serve")
+def serve_group() -> None:
+    """Start, stop and inspect the workspace's TorchServe server."""
+
+
+@serve_group.command("start")
+@click.option("--model", "models", multiple=True,
+              help="Model to serve (repeatable); its highest-numbered archive is loaded. Default: all archived.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="TorchServe config.properties for ports and switches (default: ./config.properties).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for each model's worker to become READY.")
+@click.pass_obj
+def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float) -> None:
+    """Start TorchServe with the latest archive of each model and wait until every model is READY."""
+    with tmu_errors():
+        if config_path is None and Path("config.properties").is_file():
+            config_path = Path("config.properties")
+        config = (TorchServeConfig.from_properties(config_path, workspace.model_store) if config_path
+                  else TorchServeConfig(model_store=workspace.model_store))
+        chosen = latest_archives(workspace.model_store, list(models) or None)
+        if not chosen:
+            raise click.ClickException(f"no <model>-v<N>.mar archives in {workspace.model_store}; "
+                                       "run tmu-admin package first")
+        server = TorchServe(workspace, config)
+        server.start([f"{name}={path.name}" for name, (_, path) in sorted(chosen.items())])
+        try:
+            for name in sorted(chosen):
+                server.wait_ready(name, timeout)
+        except ServerError:
+            server.stop()
+            raise
+        status = server.status()
+    echo_json({"inference_url": status.inference_url, "management_url": status.management_url,
+               "metrics_url": status.metrics_url, "key_file": str(status.key_file) if status.key_file else None,
+               "logs": str(status.log_dir), "pid": status.pid,
+               "models": {name: version for name, (version, _) in sorted(chosen.items())}})
+
+
+@serve_group.command("stop")
+@click.pass_obj
+def serve_stop(workspace: Workspace) -> None:
+    """Stop the workspace's TorchServe and wait until its Java process has exited."""
+    with tmu_errors():
+        stopped = _server(workspace).stop()
+    click.echo("TorchServe stopped." if stopped else "TorchServe was not running.")
+
+
+@serve_group.command("status")
+@click.pass_obj
+def serve_status(workspace: Workspace) -> None:
+    """Whether TorchServe runs, its URLs, key file and models."""
+    with tmu_errors():
+        status = _server(workspace).status()
+    echo_json(status)
+
+
+@cli.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_name", required=True, help="Served model name.")
+@click.option("--version", default=None, help="Model version (default: TorchServe's default version).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Show at most K classes (the archive's top_k is the upper bound).")
+@click.pass_obj
+def predict(workspace: Workspace, images: tuple[Path, ...], model_name: str, version: str | None,
+            top_k: int | None) -> None:
+    """Classify IMAGES (JPEG or PNG files) with the running TorchServe."""
+    with tmu_errors():
+        server = _server(workspace)
+        token = server.keys().inference if server.config.token_auth else None
+        client = InferenceClient(server.config.url("inference"), token)
+        answers = []
+        for path in images:
+            result = client.predict(model_name, path.read_bytes(), version=version)
+            shown = result.predictions[:top_k] if top_k else result.predictions
+            answers.append({"image": str(path), "model_version": result.model_version,
+                            "predictions": [{"class": p.name, "index": p.index, "probability": p.probability}
+                                            for p in shown]})
+    echo_json(answers)
