@@ -1,3 +1,10 @@
 """Imports every command module so that its commands attach to the ``tmu-admin`` group."""
 
-from tmu_core.cli import index_cmd  # noqa: F401
+from tmu_core.cli import (  # noqa: F401
+    evaluate_cmd,
+    forget_cmd,
+    index_cmd,
+    quickstart_cmd,
+    serve_cmd,
+    train_cmd,
+)

@@ -1,0 +1,41 @@
+"""Helpers of the end-to-end tests (no tests here): run the queue, check what serves, read the audit kinds."""
+
+from __future__ import annotations
+
+import time
+
+from tmu_core.service import swap
+from tmu_core.service.audit import AuditLog
+from tmu_core.service.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.service.jobs import JobStore
+from tmu_core.service.registry import VersionRegistry
+
+
+def run_dispatched(workspace, job_id: str, kill_at: str | None = None, timeout: float = 180.0):
+    """Run the queue with a dispatcher (worker processes) until ``job_id`` is done; return the job."""
+    dispatcher = Dispatcher(workspace, WorkerSettings(device="cpu", kill_at=kill_at, poll_s=0.2))
+    dispatcher.start()
+    jobs = JobStore(workspace.state_db)
+    deadline = time.monotonic() + timeout
+    try:
+        while not jobs.get(job_id).done:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} not done after {timeout}s: {jobs.get(job_id)}")
+            time.sleep(0.2)
+    finally:
+        dispatcher.stop(wait_s=120)
+    return jobs.get(job_id)
+
+
+def assert_serving(workspace, server, version: int) -> None:
+    """The registry, TorchServe's default and TorchServe's registered versions all say ``version``."""
+    client = server.management()
+    assert VersionRegistry(workspace.state_db).serving("m").version == version
+    assert swap.default_version(client, "m") == str(version)
+    assert swap.registered_versions(client, "m") == {str(version)}
+
+
+def audit_kinds(workspace) -> list[str]:
+    log = AuditLog(workspace.state_db)
+    assert log.verify().ok
+    return [r.kind for r in log.records()]

@@ -1,0 +1,70 @@
+"""End to end on a real TorchServe: forget request over HTTP -> new default version -> index and audit -> rollback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from e2e_support import assert_serving, audit_kinds
+from test_service_support import FAST_TMU
+from tmu_core.index import TrainingIndex
+from tmu_core.service.registry import VersionRegistry
+from tmu_core.service.server import ServiceConfig, in_process
+from tmu_core.service.dispatcher import WorkerSettings
+from tmu_core.serving import InferenceClient
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(service, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{service.url}/jobs/{job_id}", headers=service.headers(), timeout=10).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_forget_swap_index_audit_rollback(served) -> None:
+    workspace, server = served
+    infer = InferenceClient(server.config.url("inference"), server.keys().inference)
+    image = (workspace.home.parent / "tree" / "test" / "a" / "0000.png").read_bytes()
+    assert infer.predict("m", image).model_version == "1"
+    with in_process(workspace, ServiceConfig(worker=WorkerSettings(device="cpu", poll_s=0.2))) as service:
+        resp = requests.post(f"{service.url}/forget/m", headers=service.headers(), timeout=30,
+                             json={"owner_ids": ["owner-a-0"], "sample_ids": ["train/b/0000"], "options": FAST_TMU})
+        assert resp.status_code == 202, resp.text
+        job = _wait(service, resp.json()["job_id"])
+        assert job["state"] == "succeeded", job["reason"]
+        assert [s["step"] for s in job["steps"]][-1] == "commit" and job["progress"] == 1.0
+        forgotten = job["sample_ids"]
+        assert forgotten == ["train/a/0000", "train/a/0001", "train/a/0002", "train/b/0000"]
+
+        assert_serving(workspace, server, 2)
+        assert infer.predict("m", image).model_version == "2"
+        with TrainingIndex.open(workspace.index_dir) as index:
+            assert all(index.tombstone(i).request_id == job["id"] for i in forgotten)
+            assert index.verify().ok
+        assert audit_kinds(workspace) == ["forget", "swap"]
+        report = json.loads((workspace.version_dir("m", 2) / "report.json").read_text())
+        assert report["samples"] == 4 and report["metrics"]["forget_size"] == 4
+        assert report["timings"]["request_to_serving"] > 0
+        assert (workspace.version_dir("m", 2) / "report.png").stat().st_size > 0
+        assert [r.state for r in VersionRegistry(workspace.state_db).versions("m")] == ["superseded", "serving"]
+
+        url = f"{service.url}/models/m/rollback"
+        refused = requests.post(url, json={"to_version": 1}, headers=service.headers(), timeout=30)
+        assert refused.status_code == 409 and job["id"] in refused.json()["error"]
+        assert_serving(workspace, server, 2)
+        done = requests.post(url, json={"to_version": 1, "undo_forgets": True}, headers=service.headers(),
+                             timeout=120)
+        assert done.status_code == 200, done.text
+        assert done.json()["undone_requests"] == [job["id"]]
+    assert_serving(workspace, server, 1)
+    assert infer.predict("m", image).model_version == "1"
+    assert audit_kinds(workspace) == ["forget", "swap", "rollback"]
+    assert [r.state for r in VersionRegistry(workspace.state_db).versions("m")] == ["serving", "rolled_back"]

@@ -1,0 +1,107 @@
+"""Rollback refusals and purge, on a real SQLite file (the TorchServe side is covered in tests/e2e)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from test_service_support import make_workspace, record_fake_version
+from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
+from tmu_core.service.audit import AuditLog
+from tmu_core.service.jobs import JobStore
+from tmu_core.service.registry import VersionRegistry
+from tmu_core.service.rollback import parse_duration, purge, rollback, undone_forgets
+
+
+def _derived(workspace, model: str, version: int, parent: int, request: str):
+    folder = workspace.version_dir(model, version)
+    folder.mkdir(parents=True)
+    archive = workspace.archive_path(model, version)
+    archive.write_bytes(b"mar%d" % version)
+    (folder / "checkpoint.pt").write_bytes(b"ckpt%d" % version)
+    (folder / "artifacts").mkdir()
+    (folder / "report.json").write_text("{}")
+    return VersionRegistry(workspace.state_db).record_version(
+        model, version, archive, folder / "checkpoint.pt", None, parent=parent, forget_request=request, metrics={})
+
+
+@pytest.fixture()
+def chain(tmp_path: Path):
+    """v1 (original) -> v2 (forget fj-a) -> v3 (forget fj-b); v3 serves."""
+    workspace = make_workspace(tmp_path)
+    record_fake_version(workspace, "m", 1)
+    _derived(workspace, "m", 2, 1, "fj-a")
+    _derived(workspace, "m", 3, 2, "fj-b")
+    return workspace
+
+
+def test_undone_forgets_follow_lineage(chain) -> None:
+    registry = VersionRegistry(chain.state_db)
+    assert undone_forgets(registry, "m", 1) == ["fj-a", "fj-b"]
+    assert undone_forgets(registry, "m", 2) == ["fj-b"]
+    assert undone_forgets(registry, "m", 3) == []
+
+
+def test_rollback_past_forgets_refused_and_nothing_changes(chain) -> None:
+    with pytest.raises(ConflictError, match=r"2 forget request\(s\): fj-a, fj-b; pass undo_forgets"):
+        rollback(chain, "m", 1)
+    with pytest.raises(ConflictError, match="already serves version 3"):
+        rollback(chain, "m", 3)
+    with pytest.raises(ModelNotFoundError, match="no version 9"):
+        rollback(chain, "m", 9)
+    assert VersionRegistry(chain.state_db).serving("m").version == 3
+    assert AuditLog(chain.state_db).records() == []
+
+
+def test_rollback_refused_while_a_job_runs(chain) -> None:
+    store = JobStore(chain.state_db)
+    job = store.submit("m", ["x"])
+    store.claim_next("m")
+    with pytest.raises(ConflictError, match=f"forget job {job.id} is running"):
+        rollback(chain, "m", 2, undo_forgets=True)
+
+
+def test_rollback_to_a_purged_version_refused(chain) -> None:
+    VersionRegistry(chain.state_db).set_state("m", 1, "purged")
+    with pytest.raises(CheckpointError, match="was purged or is missing"):
+        rollback(chain, "m", 1, undo_forgets=True)
+
+
+def test_purge_only_superseded_and_old_enough(chain) -> None:
+    registry = VersionRegistry(chain.state_db)
+    registry.set_state("m", 2, "rolled_back")
+    assert purge(chain, timedelta(days=7)).purged == []
+    future = datetime.now(timezone.utc) + timedelta(days=8)
+    dry = purge(chain, timedelta(days=7), dry_run=True, now=future)
+    assert [p["version"] for p in dry.purged] == [1] and dry.dry_run
+    assert chain.archive_path("m", 1).exists()
+    done = purge(chain, timedelta(days=7), now=future)
+    assert [p["version"] for p in done.purged] == [1]
+    assert not chain.archive_path("m", 1).exists()
+    assert not (chain.version_dir("m", 1) / "checkpoint.pt").exists()
+    assert [r.state for r in registry.versions("m")] == ["purged", "rolled_back", "serving"]
+    assert chain.archive_path("m", 3).exists() and chain.archive_path("m", 2).exists()
+    records = AuditLog(chain.state_db).records(kind="purge")
+    assert len(records) == 1 and records[0].versions == {"purged": 1}
+    assert AuditLog(chain.state_db).verify().ok
+    assert purge(chain, timedelta(0), now=future).purged == []
+
+
+def test_purge_keeps_reports(chain) -> None:
+    purge(chain, timedelta(0), now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert (chain.version_dir("m", 2) / "report.json").exists()
+    assert not (chain.version_dir("m", 2) / "artifacts").exists()
+
+
+@pytest.mark.parametrize("text, seconds", [("7d", 604800), ("12h", 43200), ("30m", 1800), ("0s", 0),
+                                           ("1.5h", 5400), ("2w", 1209600)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "7 days", "-1d", "d7"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(InvalidInputError, match="use a number and a unit s, m, h, d or w"):
+        parse_duration(text)

@@ -1,0 +1,204 @@
+"""The management extension: a FastAPI app beside TorchServe for forget requests, jobs, versions and rollback.
+
+Every route but ``/health`` and ``/openapi.json`` needs ``Authorization: Bearer <key>``, the key that the service
+wrote to its key file when it started (mode 0600), like TorchServe's management key. Errors are JSON
+``{"error": message, "code": short name, "status": HTTP status}``; library errors map through
+:func:`tmu_core.errors.http_status`. Nothing invalid reaches the job queue: a request is checked for shape, method
+options and against the training index before a job is written.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tmu_core.config import Workspace
+from tmu_core.errors import ConflictError, ModelNotFoundError, TmuError, UnknownIdsError, http_status
+from tmu_core.service.audit import AuditLog
+from tmu_core.service.jobs import JobStore
+from tmu_core.service.registry import VersionRegistry
+from tmu_core.service.intake import DEFAULT_METHOD, ForgetRequest, check_method, resolve
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/openapi.json"})
+
+
+class ForgetBody(BaseModel):
+    """Body of ``POST /forget/{model}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    sample_ids: list[str] = Field(default_factory=list, description="training sample ids to forget")
+    owner_ids: list[str] = Field(default_factory=list, description="data owners whose samples to forget")
+    idempotency_key: str | None = Field(None, description="the same key returns the same job")
+    method: str = Field(DEFAULT_METHOD, description="unlearning method (tmu)")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. {\"noise\": 0.1}")
+
+
+class RollbackBody(BaseModel):
+    """Body of ``POST /models/{model}/rollback``."""
+
+    model_config = ConfigDict(extra="forbid")
+    to_version: int = Field(..., ge=1)
+    undo_forgets: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the routes use: the workspace, its stores, the key and (optionally) the job dispatcher."""
+
+    workspace: Workspace
+    key: str
+    registry: VersionRegistry
+    jobs: JobStore
+    audit: AuditLog
+    dispatcher: Any = None
+
+    @classmethod
+    def open(cls, workspace: Workspace, key: str, dispatcher: Any = None) -> "ServiceState":
+        """Open the state database of ``workspace`` (creating its tables)."""
+        db = workspace.state_db
+        return cls(workspace, key, VersionRegistry(db), JobStore(db), AuditLog(db), dispatcher)
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    """The JSON error every route answers with."""
+    return JSONResponse({"error": message, "code": code, "status": status, **extra}, status_code=status)
+
+
+def _tmu_error(_: Request, err: TmuError) -> JSONResponse:
+    status = http_status(err)
+    extra = {"unknown_ids": err.ids, "kind": err.kind} if isinstance(err, UnknownIdsError) else {}
+    code = type(err).__name__.removesuffix("Error").lower() or "error"
+    if status >= 500:
+        logger.error("request failed: %s", err)
+    return error_body(status, code, str(err), **extra)
+
+
+def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    problems = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        if item.get("type") == "json_invalid":
+            return error_body(400, "malformed_json", f"the body is not valid JSON: {item.get('msg')} "
+                              f"(at position {item.get('ctx', {}).get('error', '?')})")
+        problems.append(f"{where}: {item.get('msg')}")
+    return error_body(400, "invalid_input", "bad request: " + "; ".join(problems))
+
+
+def _check_token(request: Request, key: str) -> JSONResponse | None:
+    if request.url.path in OPEN_PATHS:
+        return None
+    header = request.headers.get("authorization")
+    if not header:
+        return error_body(401, "unauthorized", "missing token: send 'Authorization: Bearer <key>' with the key "
+                          "from the service's key file")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return error_body(401, "unauthorized", "malformed Authorization header; expected 'Bearer <key>'")
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return error_body(403, "forbidden", "wrong token: it does not match the service's key file")
+    return None
+
+
+def create_app(state: ServiceState) -> FastAPI:
+    """Build the app around ``state``; the caller runs it (see :mod:`tmu_core.service.server`)."""
+    app = FastAPI(title="tmu-serve management extension", version="1", docs_url=None, redoc_url=None)
+    app.state.service = state
+    app.add_exception_handler(TmuError, _tmu_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        denied = _check_token(request, state.key)
+        if denied is not None:
+            logger.warning("denied %s %s: %s", request.method, request.url.path, denied.status_code)
+            denied.headers["WWW-Authenticate"] = "Bearer"
+            return denied
+        return await call_next(request)
+
+    _add_routes(app, state)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServiceState) -> None:
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        dispatcher = state.dispatcher
+        return {"status": "ok", "dispatcher": bool(dispatcher and dispatcher.alive())}
+
+    @app.post("/forget/{model}", status_code=202)
+    def forget(model: str, body: ForgetBody) -> JSONResponse:
+        return _submit_forget(state, model, body)
+
+    @app.get("/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return state.jobs.get(job_id).to_json()
+
+    @app.get("/jobs")
+    def list_jobs(model: str | None = None, job_state: str | None = Query(None, alias="state"),
+                  limit: int = 50) -> dict[str, Any]:
+        return {"jobs": [j.to_json() for j in state.jobs.list(model=model, state=job_state, limit=limit)]}
+
+    @app.get("/models/{model}/versions")
+    def versions(model: str) -> dict[str, Any]:
+        records = state.registry.versions(model)
+        if not records:
+            raise ModelNotFoundError(f"model {model!r} has no recorded versions; known models: "
+                                     f"{', '.join(state.registry.models()) or 'none'}")
+        serving = next((r.version for r in records if r.state == "serving"), None)
+        return {"model": model, "serving": serving, "versions": [r.to_json() for r in records]}
+
+    @app.post("/models/{model}/rollback")
+    def rollback(model: str, body: RollbackBody) -> dict[str, Any]:
+        from tmu_core.service.rollback import rollback as do_rollback
+
+        result = do_rollback(state.workspace, model, body.to_version, undo_forgets=body.undo_forgets)
+        return result.to_json()
+
+
+def _submit_forget(state: ServiceState, model: str, body: ForgetBody) -> JSONResponse:
+    """Check a forget request against the registry, the method registry and the index, then queue it."""
+    request = ForgetRequest(sample_ids=tuple(body.sample_ids), owner_ids=tuple(body.owner_ids),
+                            idempotency_key=body.idempotency_key, method=body.method, options=body.options)
+    if request.idempotency_key:
+        existing = state.jobs.by_key(request.idempotency_key)
+        if existing is not None:
+            if existing.model != model:
+                raise ConflictError(f"idempotency key {request.idempotency_key!r} was already used for job "
+                                    f"{existing.id} on model {existing.model!r}, not {model!r}")
+            return JSONResponse(_accepted(existing, existing=True), status_code=200)
+    if state.registry.serving(model) is None:
+        known = state.registry.models()
+        raise ModelNotFoundError(f"model {model!r} is not served by tmu-serve (no serving version); known "
+                                 f"models: {', '.join(known) or 'none'}")
+    check_method(request)
+    from tmu_core.index import TrainingIndex
+
+    with TrainingIndex.open(state.workspace.index_dir) as index:
+        forget_set = resolve(index, request)
+    if not forget_set.ids:
+        return JSONResponse({"job_id": None, "state": "nothing_to_do",
+                             "already_forgotten": list(forget_set.already_forgotten),
+                             "message": "every requested sample was already forgotten; no job was queued"},
+                            status_code=200)
+    options = {"method": request.method, **request.options}
+    job = state.jobs.submit(model, list(forget_set.ids), owner_ids=list(request.owner_ids), options=options,
+                            idempotency_key=request.idempotency_key,
+                            already_forgotten=list(forget_set.already_forgotten))
+    if state.dispatcher is not None:
+        state.dispatcher.wake()
+    return JSONResponse(_accepted(job, existing=False), status_code=202)
+
+
+def _accepted(job: Any, existing: bool) -> dict[str, Any]:
+    return {"job_id": job.id, "state": job.state, "model": job.model, "samples": len(job.sample_ids),
+            "already_forgotten": job.already_forgotten, "merged_into": job.merged_into, "existing": existing,
+            "links": {"job": f"/jobs/{job.id}"}}

@@ -1,0 +1,221 @@
+"""The dispatcher: a thread in the extension service that runs queued forget jobs, one per model at a time.
+
+Each job runs in its own worker process (``python -m tmu_core.service.worker``), so the HTTP API stays responsive
+and a crash in the job cannot take the service down. When a worker exits while its job is still ``running`` (it
+was killed, or died), the dispatcher undoes the job's uncommitted changes and marks it failed with the reason.
+At start it does the same for jobs left ``running`` by a worker that died while the service was down, and adopts
+workers that still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmu_core.config import Workspace
+from tmu_core.service.jobs import Job, JobStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How workers are started.
+
+    Attributes:
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; passed to each worker.
+        kill_at: test-only hook: the worker exits with code 9 at the start of this pipeline step.
+        poll_s: how often the dispatcher looks for finished workers and queued jobs.
+        python: the interpreter that runs workers.
+    """
+
+    device: str = "auto"
+    kill_at: str | None = None
+    poll_s: float = 0.5
+    python: str = sys.executable
+
+
+def worker_log(workspace: Workspace, job_id: str) -> Path:
+    """Where a job's worker writes its output: ``<home>/jobs/<job>.log``."""
+    return workspace.home / "jobs" / f"{job_id}.log"
+
+
+def worker_command(workspace: Workspace, job_id: str, settings: WorkerSettings) -> list[str]:
+    """The command line of one job's worker."""
+    cmd = [settings.python, "-m", "tmu_core.service.worker", "--job", job_id, "--home", str(workspace.home),
+           "--model-store", str(workspace.model_store), "--device", settings.device]
+    if settings.kill_at:
+        cmd += ["--kill-at", settings.kill_at]
+    return cmd
+
+
+def pid_runs_job(pid: int | None, job_id: str) -> bool:
+    """True when ``pid`` is alive and (where ``/proc`` exists) is the worker of ``job_id``."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():
+        return True
+    try:
+        text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return False
+    return job_id in text and "tmu_core.service.worker" in text and state != "Z"
+
+
+class _Adopted:
+    """A worker started by an earlier service process: polled by pid instead of by ``Popen``."""
+
+    def __init__(self, pid: int, job_id: str) -> None:
+        self.pid, self.job_id = pid, job_id
+
+    def poll(self) -> int | None:
+        return None if pid_runs_job(self.pid, self.job_id) else -1
+
+    def terminate(self) -> None:
+        try:
+            os.kill(self.pid, 15)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout or 0)
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return -1
+
+
+class Dispatcher:
+    """Starts queued jobs in worker processes and recovers jobs whose worker died.
+
+    Args:
+        workspace: the workspace whose state database holds the queue.
+        settings: how to start workers.
+    """
+
+    def __init__(self, workspace: Workspace, settings: WorkerSettings | None = None) -> None:
+        self.workspace = workspace
+        self.settings = settings or WorkerSettings()
+        self.jobs = JobStore(workspace.state_db)
+        self._procs: dict[str, object] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Recover jobs a dead worker left ``running``, then start the dispatch thread."""
+        self.recover_orphans()
+        self._thread = threading.Thread(target=self._loop, name="tmu-dispatcher", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        """True while the dispatch thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Look at the queue now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, wait_s: float | None = 0.0) -> None:
+        """Stop dispatching. Running workers go on (the next service adopts them) unless ``wait_s`` is given:
+        then wait that long for them and terminate those still running."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if wait_s is None:
+            return
+        deadline = time.monotonic() + wait_s
+        for job_id, proc in list(self._procs.items()):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[attr-defined]
+            except subprocess.TimeoutExpired:
+                logger.warning("terminating worker of job=%s at service stop", job_id)
+                proc.terminate()  # type: ignore[attr-defined]
+                proc.wait(timeout=10)  # type: ignore[attr-defined]
+        self._reap()
+
+    def running_workers(self) -> dict[str, int]:
+        """Job id -> pid of the workers this dispatcher watches."""
+        return {job_id: proc.pid for job_id, proc in self._procs.items()}  # type: ignore[attr-defined]
+
+    def recover_orphans(self) -> None:
+        """Adopt live workers of ``running`` jobs; recover the jobs whose worker is gone."""
+        for job in self.jobs.list(state="running", limit=10_000):
+            if job.merged_into is not None or job.id in self._procs:
+                continue
+            if pid_runs_job(job.worker_pid, job.id):
+                logger.info("adopting live worker pid=%s of job=%s", job.worker_pid, job.id)
+                self._procs[job.id] = _Adopted(job.worker_pid, job.id)  # type: ignore[arg-type]
+            else:
+                self._recover(job, f"the worker (pid {job.worker_pid}) was gone when the service started")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                self._start_queued()
+            except Exception:  # the thread must survive a bad job; the error is in the log
+                logger.exception("dispatcher pass failed")
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
+
+    def _start_queued(self) -> None:
+        for model in self.jobs.queued_models():
+            if self._stop.is_set():
+                return
+            job = self.jobs.claim_next(model)
+            if job is None:
+                continue
+            try:
+                self._spawn(job)
+            except OSError as err:
+                logger.exception("cannot start a worker for job=%s", job.id)
+                self.jobs.finish(job.id, "failed", reason=f"the worker process could not be started: {err}")
+
+    def _spawn(self, job: Job) -> None:
+        log_path = worker_log(self.workspace, job.id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = worker_command(self.workspace, job.id, self.settings)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.jobs.set_fields(job.id, worker_pid=proc.pid)
+        self._procs[job.id] = proc
+        logger.info("started worker pid=%d job=%s model=%s log=%s", proc.pid, job.id, job.model, log_path)
+
+    def _reap(self) -> None:
+        for job_id, proc in list(self._procs.items()):
+            code = proc.poll()  # type: ignore[attr-defined]
+            if code is None:
+                continue
+            del self._procs[job_id]
+            job = self.jobs.get(job_id)
+            if job.state == "running":
+                step = job.step or "starting"
+                self._recover(job, f"the worker exited with code {code} during step '{step}'")
+            else:
+                logger.info("worker of job=%s exited with code %s (job %s)", job_id, code, job.state)
+
+    def _recover(self, job: Job, reason: str) -> None:
+        from tmu_core.service.recovery import recover_job
+
+        logger.warning("job=%s model=%s: %s; recovering", job.id, job.model, reason)
+        try:
+            recover_job(self.workspace, job, reason)
+        except Exception as err:  # recovery must not kill the dispatcher; say why on the job
+            logger.exception("recovery of job=%s failed", job.id)
+            self.jobs.finish(job.id, "failed", reason=f"{reason}; recovery also failed: {err}")

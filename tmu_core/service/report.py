@@ -1,0 +1,152 @@
+"""What a forget job measured, as ``report.json`` and a small ``report.png`` beside the new version."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+# Timings in the order things happen; "request_to_serving" spans queue_wait .. set_default.
+TIMING_ORDER = ("queue_wait", "worker_start", "prepare_artifacts", "load", "unlearn", "evaluate", "save", "package",
+                "register", "set_default", "drain", "unregister_old", "request_to_serving")
+
+
+def ordered_timings(timings: dict[str, float]) -> list[tuple[str, float]]:
+    """``timings`` as (name, seconds) pairs in pipeline order, unknown names last."""
+    rank = {name: n for n, name in enumerate(TIMING_ORDER)}
+    return sorted(timings.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
+
+@dataclass(frozen=True)
+class ForgetMetrics:
+    """Accuracies (percent) and membership-attack success rates (percent) before and after unlearning.
+
+    Attributes:
+        acc_test_before / acc_test_after: ACC on D_test (the eval half of the test split).
+        acc_forget_before / acc_forget_after: ACC on D_f.
+        asr_before / asr_after: loss-threshold attack success on D_f, calibrated on D_test (lower is better;
+            about ``alpha`` x 100 means D_f looks like unseen data).
+        forget_size / test_size: |D_f| and |D_test|.
+        predicted_hard / predicted_easy: the method's easy/hard split of D_f (None if it makes none).
+    """
+
+    acc_test_before: float
+    acc_test_after: float
+    acc_forget_before: float
+    acc_forget_after: float
+    asr_before: float
+    asr_after: float
+    forget_size: int
+    test_size: int
+    predicted_hard: int | None
+    predicted_easy: int | None
+
+
+def _scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+            device: torch.device) -> tuple[float, torch.Tensor]:
+    from tmu_core.evaluate.metrics import accuracy, sample_losses
+    from tmu_core.train import predict_logits
+
+    logits = predict_logits(model, images, device)
+    return accuracy(logits, labels), sample_losses(logits, labels)
+
+
+def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
+            test: tuple[torch.Tensor, torch.Tensor], device: torch.device, hard: int | None,
+            alpha: float = 0.5) -> ForgetMetrics:
+    """Score both models on D_f and D_test and run the membership attack on D_f.
+
+    Args:
+        before / after: the served model and the unlearned one.
+        forget / test: uint8 images (N, C, H, W) and labels (N,) of D_f and D_test.
+        device: where to run the models.
+        hard: how many forget samples the method predicted hard (None if it does not predict).
+        alpha: the attack's false-positive rate on non-members.
+    """
+    from tmu_core.evaluate.metrics import loss_threshold_attack
+
+    acc = {}
+    for name, model in (("before", before), ("after", after)):
+        acc_f, loss_f = _scores(model, *forget, device)
+        acc_t, loss_t = _scores(model, *test, device)
+        acc[name] = (acc_t, acc_f, loss_threshold_attack(loss_f, loss_t, alpha).success_rate)
+    size = int(forget[1].numel())
+    return ForgetMetrics(acc_test_before=acc["before"][0], acc_test_after=acc["after"][0],
+                         acc_forget_before=acc["before"][1], acc_forget_after=acc["after"][1],
+                         asr_before=acc["before"][2], asr_after=acc["after"][2], forget_size=size,
+                         test_size=int(test[1].numel()), predicted_hard=hard,
+                         predicted_easy=None if hard is None else size - hard)
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.png`` into ``folder``.
+
+    Args:
+        folder: the new version's folder.
+        report: JSON-ready dict with at least ``metrics`` (a :class:`ForgetMetrics` as dict) and ``timings``.
+
+    Returns:
+        The two paths.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = folder / REPORT_JSON, folder / REPORT_PNG
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    _plot(report, png_path)
+    return json_path, png_path
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, timings = report["metrics"], report.get("timings", {})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    names = ["ACC D_test", "ACC D_f", "ASR D_f"]
+    before = [metrics["acc_test_before"], metrics["acc_forget_before"], metrics["asr_before"]]
+    after = [metrics["acc_test_after"], metrics["acc_forget_after"], metrics["asr_after"]]
+    xs = range(len(names))
+    left.bar([x - 0.2 for x in xs], before, width=0.4, label=f"v{report.get('from_version')}")
+    left.bar([x + 0.2 for x in xs], after, width=0.4, label=f"v{report.get('to_version')}")
+    left.set_xticks(list(xs), names)
+    left.set_ylim(0, 100)
+    left.set_ylabel("%")
+    left.legend(fontsize=8)
+    left.set_title(f"{report.get('model')}: forget {metrics['forget_size']} samples", fontsize=9)
+    steps = [(k, v) for k, v in ordered_timings(timings) if k != "request_to_serving"][::-1]
+    right.barh([k for k, _ in steps], [v for _, v in steps])
+    right.set_xlabel("seconds")
+    right.set_title(f"request to serving: {timings.get('request_to_serving', float('nan')):.1f}s", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table of a report (what ``tmu-admin report`` prints)."""
+    m, t = report["metrics"], report.get("timings", {})
+    lines = [f"job {report.get('job_id')}  model {report.get('model')}  v{report.get('from_version')} -> "
+             f"v{report.get('to_version')}  method {report.get('method')}",
+             f"forget set: {m['forget_size']} samples (D_test: {m['test_size']})",
+             f"{'metric':<12}{'before':>10}{'after':>10}",
+             f"{'ACC_Dtest':<12}{m['acc_test_before']:>10.2f}{m['acc_test_after']:>10.2f}",
+             f"{'ACC_Df':<12}{m['acc_forget_before']:>10.2f}{m['acc_forget_after']:>10.2f}",
+             f"{'ASR_Df':<12}{m['asr_before']:>10.2f}{m['asr_after']:>10.2f}"]
+    if m.get("predicted_hard") is not None:
+        lines.append(f"predicted hard/easy: {m['predicted_hard']}/{m['predicted_easy']}")
+    lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ordered_timings(t)))
+    return "\n".join(lines)
+
+
+def metrics_dict(metrics: ForgetMetrics) -> dict[str, Any]:
+    """A :class:`ForgetMetrics` as a JSON-ready dict."""
+    return asdict(metrics)

@@ -1,0 +1,197 @@
+"""Rollback to an earlier version, and purge of superseded versions' files after a retention period.
+
+Rolling back past a forget would serve a model that still carries the forgotten data: it is refused
+(``ConflictError``, listing the forget requests) unless the caller passes ``undo_forgets=True``, and either way it
+is recorded in the audit log. Purge deletes the archive, checkpoint, ONNX copy and prepared artifacts of versions
+that a forget request superseded, once they have been superseded for longer than the retention period; it keeps
+their reports and registry rows (state ``purged``) and never touches the serving version.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from tmu_core.config import Workspace
+from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError
+from tmu_core.service.audit import AuditLog
+from tmu_core.service.db import write_tx
+from tmu_core.service.jobs import JobStore
+from tmu_core.service.recovery import serving_version
+from tmu_core.service.registry import VersionRecord, VersionRegistry
+from tmu_core.service.swap import SwapSettings
+
+logger = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What a rollback did."""
+
+    model: str
+    from_version: int
+    to_version: int
+    undone_requests: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """Versions whose files a purge deleted (or would delete, in a dry run)."""
+
+    purged: list[dict[str, Any]]
+    dry_run: bool = False
+
+
+def lineage(registry: VersionRegistry, model: str, version: int) -> list[VersionRecord]:
+    """``version`` and its ancestors through ``parent``, newest first."""
+    chain, seen = [], set()
+    current: int | None = version
+    while current is not None and current not in seen:
+        seen.add(current)
+        record = registry.get(model, current)
+        chain.append(record)
+        current = record.parent
+    return chain
+
+
+def undone_forgets(registry: VersionRegistry, model: str, version: int) -> list[str]:
+    """Forget requests that serving ``version`` would undo: committed forgets not in its lineage, sorted."""
+    applied = {r.forget_request for r in lineage(registry, model, version) if r.forget_request}
+    committed = {r.forget_request for r in registry.versions(model) if r.forget_request}
+    return sorted(committed - applied)
+
+
+def _check_rollback(workspace: Workspace, registry: VersionRegistry, model: str,
+                    to_version: int) -> tuple[VersionRecord, VersionRecord]:
+    current = serving_version(registry, model)
+    target = registry.get(model, to_version)
+    if target.version == current.version:
+        raise ConflictError(f"model {model!r} already serves version {to_version}")
+    if target.state == "purged" or not target.archive.exists():
+        raise CheckpointError(f"version {to_version} of {model!r} cannot be served again: its archive "
+                              f"{target.archive} was purged or is missing")
+    busy = JobStore(workspace.state_db).list(model=model, state="running", limit=1)
+    if busy:
+        raise ConflictError(f"forget job {busy[0].id} is running on {model!r}; roll back after it finishes")
+    return current, target
+
+
+def rollback(workspace: Workspace, model: str, to_version: int, undo_forgets: bool = False,
+             settings: SwapSettings | None = None) -> RollbackResult:
+    """Serve ``to_version`` again: register its archive if needed, make it default, unregister the current one.
+
+    Args:
+        workspace: the workspace (registry, audit log, TorchServe).
+        model: the model name.
+        to_version: the version to serve.
+        undo_forgets: allow serving a version that predates committed forget requests.
+        settings: registration and drain timing.
+
+    Raises:
+        ModelNotFoundError: unknown model or version. CheckpointError: the version's archive was purged.
+        ConflictError: it already serves, a forget job runs, or forgets would be undone without ``undo_forgets``.
+        ServerError: TorchServe refused.
+    """
+    from tmu_core.service import swap
+
+    started = time.perf_counter()
+    registry, audit, jobs = (VersionRegistry(workspace.state_db), AuditLog(workspace.state_db),
+                             JobStore(workspace.state_db))
+    current, target = _check_rollback(workspace, registry, model, to_version)
+    undone = undone_forgets(registry, model, to_version)
+    if undone and not undo_forgets:
+        raise ConflictError(f"rolling {model!r} back to version {to_version} would serve data forgotten by "
+                            f"{len(undone)} forget request(s): {', '.join(undone)}; pass undo_forgets "
+                            "(--undo-forgets) to do it anyway")
+    swap.serve_only(workspace, model, target.version, target.archive, current.version, settings or SwapSettings())
+    samples = [sid for request in undone for sid in _request_ids(jobs, request)]
+    with write_tx(workspace.state_db) as conn:
+        registry.set_state(model, current.version, "rolled_back", conn=conn)
+        registry.set_state(model, target.version, "serving", conn=conn)
+        audit.append("rollback", model, {"from": current.version, "to": target.version}, undone, samples,
+                     {"undo_forgets": undo_forgets, "undone_requests": undone}, conn=conn)
+    result = RollbackResult(model, current.version, target.version, undone, round(time.perf_counter() - started, 3))
+    logger.info("rolled back model=%s v%d -> v%d undone=%s", model, current.version, target.version, undone)
+    return result
+
+
+def _request_ids(jobs: JobStore, request: str) -> list[str]:
+    try:
+        return jobs.forget_set(jobs.get(request))[0]
+    except Exception:  # a request id without its job row still gets its audit entry, without sample hashes
+        logger.warning("forget request %s has no job record; its samples are not listed", request)
+        return []
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` -> timedelta.
+
+    Raises:
+        InvalidInputError: anything else.
+    """
+    match = _DURATION.match(text or "")
+    if not match:
+        raise InvalidInputError(f"duration {text!r} not understood; use a number and a unit s, m, h, d or w "
+                                "(e.g. 7d, 12h)")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def purge(workspace: Workspace, older_than: timedelta, dry_run: bool = False,
+          now: datetime | None = None) -> PurgeResult:
+    """Delete the files of versions superseded by a forget for longer than ``older_than``.
+
+    Args:
+        workspace: the workspace.
+        older_than: retention period, counted from when the version was superseded.
+        dry_run: list what would be deleted, delete nothing.
+        now: the current time (for tests).
+
+    Returns:
+        The purged versions with the files deleted.
+    """
+    if older_than < timedelta(0):
+        raise InvalidInputError(f"older_than must not be negative, got {older_than}")
+    registry, audit = VersionRegistry(workspace.state_db), AuditLog(workspace.state_db)
+    cutoff = (now or datetime.now(timezone.utc)) - older_than
+    purged = []
+    for model in registry.models():
+        due = [r for r in registry.versions(model)
+               if r.state == "superseded" and datetime.fromisoformat(r.state_changed_at) <= cutoff]
+        for record in due:
+            files = _version_files(workspace, record)
+            purged.append({"model": model, "version": record.version, "files": [str(p) for p in files]})
+            if not dry_run:
+                _purge_one(workspace, registry, audit, record, files)
+    return PurgeResult(purged, dry_run)
+
+
+def _version_files(workspace: Workspace, record: VersionRecord) -> list:
+    folder = workspace.version_dir(record.model, record.version)
+    paths = [record.archive, record.checkpoint, record.onnx, folder / "artifacts"]
+    return [p for p in paths if p is not None and p.exists()]
+
+
+def _purge_one(workspace: Workspace, registry: VersionRegistry, audit: AuditLog, record: VersionRecord,
+               files: list) -> None:
+    if registry.get(record.model, record.version).state == "serving":
+        raise ConflictError(f"version {record.version} of {record.model!r} serves; it is never purged")
+    for path in files:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with write_tx(workspace.state_db) as conn:
+        registry.set_state(record.model, record.version, "purged", conn=conn)
+        audit.append("purge", record.model, {"purged": record.version}, [], [],
+                     {"files": [p.name for p in files], "superseded_at": record.state_changed_at}, conn=conn)
+    logger.info("purged model=%s version=%d files=%d", record.model, record.version, len(files))

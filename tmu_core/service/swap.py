@@ -1,0 +1,166 @@
+"""Hot swap on TorchServe: register a version, make it default, drain the old one, unregister it, and undo.
+
+Everything here talks to the management API of the workspace's running TorchServe, found from the
+``config.properties`` and ``key_file.json`` that :class:`tmu_core.serving.TorchServe` writes into
+``workspace.serve_dir``. A new client is made for each call, so a rotated token is always picked up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmu_core.config import Workspace
+from tmu_core.errors import ModelNotFoundError, ServerError
+from tmu_core.serving import ManagementClient, TorchServe, TorchServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwapSettings:
+    """Timing of a swap.
+
+    Attributes:
+        register_timeout_s: how long a synchronous registration may take (workers starting).
+        drain_timeout_s: the longest wait for the old version's queue to empty.
+        drain_grace_s: extra wait after the queue is empty, for the batch a worker is still running.
+        poll_s: how often the queue is polled while draining.
+    """
+
+    register_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+    drain_grace_s: float = 1.0
+    poll_s: float = 0.05
+
+
+def attach_torchserve(workspace: Workspace) -> TorchServe:
+    """The workspace's TorchServe as started by ``TorchServe.start`` (ports and token setting re-read from
+    ``<serve_dir>/config.properties``).
+
+    Raises:
+        ServerError: no ``config.properties`` in ``workspace.serve_dir`` (TorchServe was never started there).
+    """
+    path = workspace.serve_dir / "config.properties"
+    if not path.is_file():
+        raise ServerError(f"no TorchServe config at {path}: start TorchServe for this workspace first "
+                          "(tmu-admin serve start)")
+    return TorchServe(workspace, TorchServeConfig.from_properties(path, workspace.model_store))
+
+
+def management(workspace: Workspace) -> ManagementClient:
+    """A management client of the workspace's TorchServe, with the current token."""
+    return attach_torchserve(workspace).management()
+
+
+def registered_versions(client: ManagementClient, model: str) -> set[str]:
+    """Version strings of ``model`` that TorchServe holds (empty when the model is not registered)."""
+    try:
+        return {info.version for info in client.describe(model, "all")}
+    except ModelNotFoundError:
+        return set()
+
+
+def default_version(client: ManagementClient, model: str) -> str | None:
+    """The version ``/predictions/<model>`` answers with, or None when the model is not registered."""
+    try:
+        infos = client.describe(model)
+    except ModelNotFoundError:
+        return None
+    return infos[0].version if infos else None
+
+
+def register(workspace: Workspace, model: str, version: int, archive: Path, settings: SwapSettings) -> None:
+    """Register ``archive`` as ``model`` version ``version`` and wait until a worker is READY.
+
+    Raises:
+        ServerError: registration failed or no worker became ready.
+    """
+    client = management(workspace)
+    if str(version) in registered_versions(client, model):
+        logger.info("model=%s version=%d already registered", model, version)
+        return
+    started = time.perf_counter()
+    client.register(archive.name, model_name=model, synchronous=True, timeout=settings.register_timeout_s)
+    infos = client.describe(model, version)
+    if not infos or not infos[0].ready:
+        raise ServerError(f"model {model} version {version} registered but no worker is READY")
+    logger.info("registered model=%s version=%d in %.1fs", model, version, time.perf_counter() - started)
+
+
+def set_default(workspace: Workspace, model: str, version: int) -> None:
+    """Make ``version`` the default and check that TorchServe says so."""
+    client = management(workspace)
+    client.set_default(model, version)
+    now = default_version(client, model)
+    if now != str(version):
+        raise ServerError(f"set-default of {model} version {version} did not take: default is {now}")
+    logger.info("model=%s default version is now %d", model, version)
+
+
+def pending_requests(client: ManagementClient, model: str, version: int) -> int | None:
+    """Requests queued for one version (None when TorchServe does not report it)."""
+    infos = client.describe(model, version)
+    status = infos[0].raw.get("jobQueueStatus") if infos else None
+    if not isinstance(status, dict) or "pendingRequests" not in status:
+        return None
+    return int(status["pendingRequests"])
+
+
+def drain(workspace: Workspace, model: str, version: int, settings: SwapSettings) -> float:
+    """Wait until ``version`` has no queued requests (at most ``drain_timeout_s``), then ``drain_grace_s`` more.
+
+    Returns:
+        Seconds waited.
+    """
+    client = management(workspace)
+    started = time.perf_counter()
+    deadline = started + settings.drain_timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            pending = pending_requests(client, model, version)
+        except ModelNotFoundError:
+            return time.perf_counter() - started
+        if not pending:
+            break
+        time.sleep(settings.poll_s)
+    else:
+        logger.warning("model=%s version=%d still had queued requests after %.1fs", model, version,
+                       settings.drain_timeout_s)
+    time.sleep(settings.drain_grace_s)
+    return time.perf_counter() - started
+
+
+def unregister(workspace: Workspace, model: str, version: int) -> bool:
+    """Unregister one version; False when it was not registered."""
+    client = management(workspace)
+    if str(version) not in registered_versions(client, model):
+        return False
+    client.unregister(model, version)
+    logger.info("unregistered model=%s version=%d", model, version)
+    return True
+
+
+def serve_only(workspace: Workspace, model: str, keep: int, keep_archive: Path, drop: int | None,
+               settings: SwapSettings) -> None:
+    """Make ``keep`` the registered default (registering its archive if needed) and unregister ``drop``.
+
+    Used to undo a half-done swap and to roll back. Each action is skipped when it is already in place,
+    so calling it twice is harmless.
+
+    Raises:
+        ServerError: TorchServe is unreachable or refuses an action.
+    """
+    register(workspace, model, keep, keep_archive, settings)
+    client = management(workspace)
+    if default_version(client, model) != str(keep):
+        set_default(workspace, model, keep)
+    if drop is not None and drop != keep and str(drop) in registered_versions(client, model):
+        drain(workspace, model, drop, settings)
+        unregister(workspace, model, drop)
+
+
+__all__ = ["SwapSettings", "attach_torchserve", "default_version", "drain", "management",
+           "pending_requests", "register", "registered_versions", "serve_only", "set_default", "unregister"]
