@@ -102,28 +102,7 @@ def make_v1(workspace: Workspace, model: str = "m", epochs: int = 8) -> VersionR
 
 
 def torchserve_config(model_store: Path):
-    """A TorchServe config on free loopback ports, the gRPC ports included.
-
-    TorchServe always opens gRPC ports (7070/7071 unless told otherwise); two servers on one machine clash there.
-    When ``TorchServeConfig`` does not set them itself, a subclass adds two free ports to ``config.properties``.
-    """
-    from dataclasses import dataclass
-
+    """A TorchServe config on free loopback ports, the gRPC ports included."""
     from tmu_core.serving import TorchServeConfig
-    from tmu_core.serving.torchserve import free_ports
 
-    config = TorchServeConfig.with_free_ports(model_store)
-    if "grpc" in config.properties():
-        return config
-
-    @dataclass(frozen=True)
-    class _WithGrpcPorts(TorchServeConfig):
-        grpc_ports: tuple[int, int] = (0, 0)
-
-        def properties(self) -> str:
-            return super().properties() + (f"grpc_inference_port={self.grpc_ports[0]}\n"
-                                           f"grpc_management_port={self.grpc_ports[1]}\n")
-
-    ports = free_ports(5)
-    return _WithGrpcPorts(model_store=model_store, inference_port=ports[0], management_port=ports[1],
-                          metrics_port=ports[2], grpc_ports=(ports[3], ports[4]))
+    return TorchServeConfig.with_free_ports(model_store)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -14,6 +15,8 @@ from PIL import Image
 import tmu_core.cli.serve_cmd  # noqa: F401  (attaches the commands)
 from tmu_core.cli import cli
 from tmu_core.config import Workspace
+from tmu_core.service.server import status as extension_status
+from tmu_core.service.server import stop as extension_stop
 from tmu_core.models import build_model
 from tmu_core.serving.torchserve import TorchServe, TorchServeConfig, pid_alive
 from tmu_core.train import CheckpointMeta, save_checkpoint
@@ -44,6 +47,9 @@ def test_cli_round_trip(tmp_path):
         info = json.loads(started.output)
         assert info["models"] == {"tiny": 1} and info["inference_url"] == config.url("inference")
         assert info["key_file"].endswith("key_file.json")
+        assert info["extension_url"].startswith("http://127.0.0.1:")
+        health = requests.get(info["extension_url"] + "/health", timeout=5)
+        assert health.status_code == 200
         pid = info["pid"]
 
         predicted = runner.invoke(cli, [*base, "predict", str(image), "--model", "tiny", "--top-k", "2"])
@@ -55,9 +61,13 @@ def test_cli_round_trip(tmp_path):
         assert answer["model_version"] == "1" and [p["index"] for p in answer["predictions"]] == top
 
         status = json.loads(runner.invoke(cli, [*base, "serve", "status"]).output)
-        assert status["running"] is True and status["models"] == ["tiny"]
+        assert status["torchserve"]["running"] is True and status["torchserve"]["models"] == ["tiny"]
+        assert status["extension"]["url"] == info["extension_url"]
         stopped = runner.invoke(cli, [*base, "serve", "stop"])
-        assert stopped.exit_code == 0 and stopped.output.strip() == "TorchServe stopped."
+        assert stopped.exit_code == 0
+        assert stopped.output.splitlines() == ["extension stopped.", "TorchServe stopped."]
         assert not pid_alive(pid)
+        assert extension_status(workspace) is None
     finally:
+        extension_stop(workspace)
         TorchServe(workspace, config).stop()

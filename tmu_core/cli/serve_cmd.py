@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -10,9 +11,11 @@ import click
 from tmu_core.cli import cli
 from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace
-from tmu_core.errors import ConflictError, ServerError
-from tmu_core.serving.archive import PackageResult, latest_archives, package_version
+from tmu_core.errors import ConflictError
+from tmu_core.serving.archive import PackageResult, package_version
 from tmu_core.service.registry import VersionRegistry
+from tmu_core.service.server import status as extension_status
+from tmu_core.service.stack import start_stack, stop_stack
 from tmu_core.serving.clients import InferenceClient
 from tmu_core.serving.torchserve import TorchServe, TorchServeConfig
 
@@ -77,54 +80,50 @@ def serve_group() -> None:
 
 @serve_group.command("start")
 @click.option("--model", "models", multiple=True,
-              help="Model to serve (repeatable); its highest-numbered archive is loaded. Default: all archived.")
+              help="Model to serve (repeatable): the registry's serving version, else its newest archive. "
+                   "Default: every archived model.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="TorchServe config.properties for ports and switches (default: ./config.properties).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds to wait for each model's worker to become READY.")
+@click.option("--no-extension", is_flag=True, help="Start TorchServe only, not the management extension.")
 @click.pass_obj
-def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float) -> None:
-    """Start TorchServe with the latest archive of each model and wait until every model is READY."""
+def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
+                no_extension: bool) -> None:
+    """Start TorchServe and the management extension; wait until every model is READY."""
     with tmu_errors():
         if config_path is None and Path("config.properties").is_file():
             config_path = Path("config.properties")
         config = (TorchServeConfig.from_properties(config_path, workspace.model_store) if config_path
                   else TorchServeConfig(model_store=workspace.model_store))
-        chosen = latest_archives(workspace.model_store, list(models) or None)
-        if not chosen:
-            raise click.ClickException(f"no <model>-v<N>.mar archives in {workspace.model_store}; "
-                                       "run tmu-admin package first")
-        server = TorchServe(workspace, config)
-        server.start([f"{name}={path.name}" for name, (_, path) in sorted(chosen.items())])
-        try:
-            for name in sorted(chosen):
-                server.wait_ready(name, timeout)
-        except ServerError:
-            server.stop()
-            raise
-        status = server.status()
+        started = start_stack(workspace, config, list(models) or None, with_extension=not no_extension,
+                              timeout=timeout)
+    status, ext = started.torchserve, started.extension
     echo_json({"inference_url": status.inference_url, "management_url": status.management_url,
                "metrics_url": status.metrics_url, "key_file": str(status.key_file) if status.key_file else None,
-               "logs": str(status.log_dir), "pid": status.pid,
-               "models": {name: version for name, (version, _) in sorted(chosen.items())}})
+               "logs": str(status.log_dir), "pid": status.pid, "models": started.versions,
+               "extension_url": ext.url if ext else None,
+               "extension_key_file": str(ext.key_file) if ext else None})
 
 
 @serve_group.command("stop")
 @click.pass_obj
 def serve_stop(workspace: Workspace) -> None:
-    """Stop the workspace's TorchServe and wait until its Java process has exited."""
+    """Stop the extension, then TorchServe, waiting until its Java process has exited."""
     with tmu_errors():
-        stopped = _server(workspace).stop()
-    click.echo("TorchServe stopped." if stopped else "TorchServe was not running.")
+        ext_was_running, ts_was_running = stop_stack(workspace, _server(workspace))
+    click.echo("extension stopped." if ext_was_running else "extension was not running.")
+    click.echo("TorchServe stopped." if ts_was_running else "TorchServe was not running.")
 
 
 @serve_group.command("status")
 @click.pass_obj
 def serve_status(workspace: Workspace) -> None:
-    """Whether TorchServe runs, its URLs, key file and models."""
+    """Whether TorchServe and the extension run, their URLs, key files and models."""
     with tmu_errors():
         status = _server(workspace).status()
-    echo_json(status)
+        ext = extension_status(workspace)
+    echo_json({"torchserve": asdict(status), "extension": asdict(ext) if ext else None})
 
 
 @cli.command("predict")
