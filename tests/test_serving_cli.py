@@ -60,9 +60,12 @@ def test_serve_status_and_stop_without_a_server(env):
     base, _, _ = env
     runner = CliRunner()
     status = runner.invoke(cli, [*base, "serve", "status"])
-    assert status.exit_code == 0 and json.loads(status.output)["running"] is False
+    assert status.exit_code == 0
+    assert json.loads(status.output)["torchserve"]["running"] is False
+    assert json.loads(status.output)["extension"] is None
     stop = runner.invoke(cli, [*base, "serve", "stop"])
-    assert stop.exit_code == 0 and stop.output.strip() == "TorchServe was not running."
+    assert stop.exit_code == 0
+    assert stop.output.splitlines() == ["extension was not running.", "TorchServe was not running."]
 
 
 def test_serve_start_without_archives_says_what_to_do(env, tmp_path):

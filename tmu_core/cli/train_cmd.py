@@ -10,14 +10,16 @@ import click
 from tmu_core.cli import cli
 from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace, env_device
+from tmu_core.device import resolve_device
+from tmu_core.models import list_models
+from tmu_core.train import TrainConfig
+from tmu_core.train.run import train_to_checkpoint
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def _recipe(epochs: int | None, paper_schedule: bool, no_augment: bool, seed: int, deterministic: bool,
-            lr: float, batch_size: int):
-    from tmu_core.train import TrainConfig
-
+            lr: float, batch_size: int) -> TrainConfig:
     if paper_schedule and epochs is not None:
         raise click.UsageError("--paper-schedule (200 epochs) and --epochs N conflict; give one of them")
     overrides = {"augment": not no_augment, "seed": seed, "deterministic": deterministic, "lr": lr,
@@ -49,13 +51,9 @@ def _recipe(epochs: int | None, paper_schedule: bool, no_augment: bool, seed: in
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 def train(ctx: click.Context, model_name: str, arch: str, epochs: int | None, paper_schedule: bool,
-          lr: float, batch_size: int, no_augment: bool, seed: int, deterministic: bool, device: str | None, retain_only: bool,
-          index_path: Path | None, out: Path | None, force: bool, progress: bool) -> None:
+          lr: float, batch_size: int, no_augment: bool, seed: int, deterministic: bool, device: str | None,
+          retain_only: bool, index_path: Path | None, out: Path | None, force: bool, progress: bool) -> None:
     """Train ARCH on the index's train split and write the checkpoint; prints train/test accuracy as JSON."""
-    from tmu_core.device import resolve_device
-    from tmu_core.models import list_models
-    from tmu_core.train.run import train_to_checkpoint
-
     workspace: Workspace = ctx.obj
     if not _MODEL_NAME.match(model_name):
         raise click.BadParameter(f"{model_name!r}: use letters, digits, '_' and '-'", param_hint="--model")
