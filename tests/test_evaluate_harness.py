@@ -1,0 +1,194 @@
+"""The protocol harness end to end on scikit-learn's digits: real index, real training, real methods, real files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from tmu_core.cli import cli
+from tmu_core.cli import evaluate_cmd  # noqa: F401  attaches the evaluate command
+from tmu_core.errors import InvalidInputError
+from tmu_core.evaluate import MethodSpec, builtin_protocol, customize, format_table, run_protocol
+from tmu_core.evaluate.cache import open_index
+from tmu_core.evaluate.report import CSV_COLUMNS
+
+CPU = torch.device("cpu")
+LABELS = ["original", "gold", "gold-floor", "finetune", "neg_grad", "tmu"]
+
+
+def _tiny_protocol():
+    base = builtin_protocol("digits-tiny")
+    methods = (
+        MethodSpec("finetune", "finetune", {"epochs": 1}),
+        MethodSpec("neg_grad", "neg_grad", {"epochs": 1}),
+        MethodSpec("tmu", "tmu", {"twin_epochs": 2, "clf_epochs": 20, "cf_epochs": 1, "max_steps": 5}),
+    )
+    return replace(base, train=replace(base.train, epochs=4), forget_size=15, methods=methods)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval-cache")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("eval-out")
+    before = _index_state(cache_dir)
+    result = run_protocol(_tiny_protocol(), out, CPU, cache_dir=cache_dir, progress=False)
+    return result, out, before, _index_state(cache_dir)
+
+
+def _index_state(cache_dir):
+    index = open_index(_tiny_protocol().source, cache_dir)
+    try:
+        info = index.info()
+        blobs = hashlib.sha256((index.root / "blobs.bin").read_bytes()).hexdigest()
+        return info.counts, info.tombstones, index.ids("train"), index.ids("test"), blobs
+    finally:
+        index.close()
+
+
+def test_rows_cover_every_model_and_the_mean(run):
+    result, _, _, _ = run
+    assert [row.method for row in result.rows] == LABELS
+    assert [row.method for row in result.means] == LABELS
+    assert all(row.forget_class == 3 and row.seed == 0 for row in result.rows)
+    assert all(row.runs == 1 and row.class_name == "mean" for row in result.means)
+    assert result.splits.forget == 15
+    assert result.splits.twin + result.splits.eval == 359  # the digits test split, cut in two
+
+
+def test_metrics_are_consistent_with_the_gold_row(run):
+    result, _, _, _ = run
+    by_label = {row.method: row for row in result.rows}
+    gold = by_label["gold"]
+    assert gold.delta == 0.0 and gold.ad == pytest.approx(0.0, abs=1e-7)
+    for row in result.rows:
+        assert row.delta == pytest.approx(abs(row.acc_df - gold.acc_df))
+        assert row.gold_asr == gold.asr
+        assert 0.0 <= row.asr <= 100.0 and 0.0 <= row.acc_dtest <= 100.0
+    # Accuracy steps are 1/15 on a 15-sample forget set.
+    assert all(round(row.acc_df * 15 / 100) == pytest.approx(row.acc_df * 15 / 100, abs=1e-4) for row in result.rows)
+    assert by_label["tmu"].acc_gl is not None and by_label["gold-floor"].acc_gl is not None
+    assert by_label["finetune"].acc_gl is None and by_label["original"].acc_gl is None
+    assert by_label["tmu"].prepare_seconds > 0 and by_label["tmu"].details["predicted_hard"] >= 0
+    assert result.originals[0].train_accuracy > 90.0
+
+
+def test_the_index_is_left_unchanged(run):
+    _, _, before, after = run
+    assert before == after
+    assert after[1] == 0  # no tombstones
+
+
+def test_json_holds_protocol_rows_and_means(run):
+    result, out, _, _ = run
+    data = json.loads((out / "results.json").read_text())
+    assert data["protocol"]["name"] == "digits-tiny"
+    assert data["protocol"]["forget_classes"] == [3]
+    assert [row["method"] for row in data["rows"]] == LABELS
+    assert data["rows"][LABELS.index("neg_grad")]["acc_df"] == pytest.approx(result.rows[4].acc_df)
+    assert data["files"]["csv"].endswith("results.csv")
+    assert data["originals"][0]["seed"] == 0
+
+
+def test_csv_has_one_line_per_row_and_mean(run):
+    result, out, _, _ = run
+    with (out / "results.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        lines = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert len(lines) == 2 * len(LABELS)
+    assert [line["class_name"] for line in lines[len(LABELS):]] == ["mean"] * len(LABELS)
+    tmu = lines[LABELS.index("tmu")]
+    assert float(tmu["delta"]) == pytest.approx(result.rows[5].delta)
+    assert lines[LABELS.index("finetune")]["acc_gl"] == ""
+
+
+def test_png_and_table_are_written(run):
+    result, out, _, _ = run
+    with Image.open(out / "results.png") as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 300
+    table = (out / "results.txt").read_text()
+    assert table.strip() == format_table(result).strip()
+    for label in LABELS:
+        assert f"\n{label} " in table
+    assert "eval split" in table and "twin" in table and "train accuracy" in table
+
+
+def test_a_rerun_reuses_cached_models(run, tmp_path, cache_dir):
+    result, _, _, _ = run
+    protocol = replace(_tiny_protocol(), methods=(MethodSpec("finetune", "finetune", {"epochs": 1}),))
+    again = run_protocol(protocol, tmp_path, CPU, cache_dir=cache_dir, progress=False)
+    assert again.originals[0].cached
+    assert again.originals[0].train_accuracy == pytest.approx(result.originals[0].train_accuracy)
+    gold_first = next(r for r in result.rows if r.method == "gold")
+    gold_again = next(r for r in again.rows if r.method == "gold")
+    assert gold_again.acc_df == gold_first.acc_df and gold_again.seconds == gold_first.seconds
+
+
+def test_cli_prints_the_table(run, tmp_path, cache_dir):
+    args = ["evaluate", "--protocol", "digits-tiny", "--methods", "neg_grad", "--epochs", "4", "--forget-size", "15",
+            "--out", str(tmp_path / "cli"), "--cache-dir", str(cache_dir), "--device", "cpu", "--no-progress"]
+    outcome = CliRunner().invoke(cli, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert "ACC_Dtest" in outcome.output and "\nneg_grad " in outcome.output
+    assert (tmp_path / "cli" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--classes", "3,x"], "'x' is not an integer"),
+        (["--methods", "finetune", "--noise", "1"], "add tmu to --methods"),
+        (["--methods", "nope"], "unknown unlearning method 'nope'"),
+        (["--features", "df,zz"], "use a non-empty subset of df, af, cf"),
+        (["--classes", "12"], "forget class 12 does not exist"),
+        (["--forget-size", "500"], "accepted 1.."),
+    ],
+)
+def test_cli_rejects_bad_options(args, message, tmp_path, cache_dir):
+    outcome = CliRunner().invoke(cli, ["evaluate", "--protocol", "digits-tiny", "--out", str(tmp_path),
+                                       "--cache-dir", str(cache_dir), "--no-progress", *args])
+    assert outcome.exit_code != 0
+    assert message in outcome.output
+
+
+def test_protocol_rejects_bad_values():
+    base = builtin_protocol("digits-tiny")
+    with pytest.raises(InvalidInputError, match="mia_alpha"):
+        replace(base, mia_alpha=1.5)
+    with pytest.raises(InvalidInputError, match="seeds lists a value more than once"):
+        replace(base, seeds=(0, 0))
+    with pytest.raises(InvalidInputError, match="at least one method"):
+        replace(base, methods=())
+    with pytest.raises(InvalidInputError, match="unknown arch"):
+        replace(base, arch="lenet")
+    with pytest.raises(InvalidInputError, match="unknown option"):
+        replace(base, methods=(MethodSpec("finetune", "finetune", {"epoch": 3}),))
+    with pytest.raises(InvalidInputError, match="reserved"):
+        replace(base, methods=(MethodSpec("gold", "finetune", {}),))
+    with pytest.raises(InvalidInputError, match="unknown protocol"):
+        builtin_protocol("imagenet")
+
+
+def test_cifar_protocol_without_data_names_the_missing_zip(tmp_path):
+    with pytest.raises(InvalidInputError, match="pass --data"):
+        builtin_protocol("cpu-small", data=tmp_path / "missing.zip")
+
+
+def test_customize_expands_tmu_ablations():
+    protocol = customize(builtin_protocol("digits-tiny"), methods=["finetune", "tmu"], noise_levels=[0.0, 3.0],
+                         feature_sets=[["df"], ["cf", "df"]], classes=[1, 2], forget_size=10, seeds=[0, 1])
+    assert [spec.label for spec in protocol.methods] == [
+        "finetune", "tmu[df,noise=0]", "tmu[df,noise=3]", "tmu[df+cf,noise=0]", "tmu[df+cf,noise=3]"]
+    assert protocol.methods[-1].options == {"features": ("df", "cf"), "noise_std": 3.0}
+    assert protocol.forget_classes == (1, 2) and protocol.forget_size == 10 and protocol.seeds == (0, 1)

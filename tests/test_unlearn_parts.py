@@ -1,0 +1,234 @@
+"""Unit tests of the unlearning building blocks: data, registry, options, features, classifier, fine-tune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tmu_core.device import generator
+from tmu_core.errors import InvalidInputError, UnknownIdsError
+from tmu_core.unlearn import TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods, register_method
+from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy
+from tmu_core.unlearn.features import adversarial_feature, assemble, distance_feature
+from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, forget_finetune, hard_loss
+
+DEVICE = torch.device("cpu")
+
+
+def _source(n: int = 12) -> TensorSource:
+    gen = generator(0)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    return TensorSource([f"s{i}" for i in range(n)], images, torch.arange(n) % 3)
+
+
+# --- data and registry ---------------------------------------------------------------------------------
+
+
+def test_unlearn_data_rejects_overlapping_sets():
+    with pytest.raises(InvalidInputError, match="both forget_ids and retain_ids"):
+        UnlearnData(_source(), ["s0", "s1"], ["s1", "s2"], ["s3"])
+    with pytest.raises(InvalidInputError, match="both retain_ids and twin_ids"):
+        UnlearnData(_source(), ["s0"], ["s1", "s2"], ["s2"])
+
+
+def test_unlearn_data_rejects_a_string_and_duplicates():
+    with pytest.raises(InvalidInputError, match="list of sample ids"):
+        UnlearnData(_source(), "s0", ["s1"], [])
+    with pytest.raises(InvalidInputError, match="more than once: s1"):
+        UnlearnData(_source(), ["s0"], ["s1", "s1"], [])
+
+
+def test_unlearn_data_loads_each_part_once_and_serves_subsets_from_it():
+    calls = []
+
+    class Counting(TensorSource):
+        def load(self, ids):
+            calls.append(list(ids))
+            return super().load(ids)
+
+    src = _source()
+    data = UnlearnData(Counting([f"s{i}" for i in range(12)], src.load([f"s{i}" for i in range(12)]),
+                                torch.arange(12) % 3), ["s0", "s1"], ["s2", "s3", "s4"], ["s5"])
+    images, labels = data.tensors("retain")
+    again, _ = data.tensors("retain")
+    assert images is again and len(calls) == 1
+    sub_images, sub_labels = data.load(["s4", "s2"])
+    assert len(calls) == 1
+    assert torch.equal(sub_images, images[[2, 0]]) and sub_labels.tolist() == [labels[2].item(), labels[0].item()]
+    with pytest.raises(InvalidInputError, match="expected one of forget, retain, twin"):
+        data.tensors("test")
+
+
+def test_tensor_source_names_unknown_ids():
+    with pytest.raises(UnknownIdsError, match="nope"):
+        _source().load(["s0", "nope"])
+
+
+def test_registry_lists_every_method():
+    assert set(list_methods()) >= {"tmu", "retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher"}
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(InvalidInputError) as err:
+        get_method("scrubber")
+    assert "unknown unlearning method 'scrubber'" in str(err.value)
+    assert "bad_teacher" in str(err.value) and "tmu" in str(err.value)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(InvalidInputError, match=r"unknown option\(s\) nosie_std for method 'tmu'.*noise_std"):
+        get_method("tmu", nosie_std=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("tmu", {"noise_std": -1.0}, "noise_std must be >= 0"),
+        ("tmu", {"features": ("df", "xf")}, "features must be a non-empty, duplicate-free subset of df, af, cf"),
+        ("tmu", {"features": ()}, "features must be a non-empty"),
+        ("tmu", {"hard_objective": "ascent"}, "hard_objective must be one of 'margin', 'ce_clamp'"),
+        ("tmu", {"clf_loss": "mse"}, "clf_loss must be one of 'bce', 'ce'"),
+        ("tmu", {"cf_subset": 1.5}, "cf_subset must be >= 0.0 and <= 1.0"),
+        ("tmu", {"max_steps": 0}, "max_steps must be >= 1"),
+        ("finetune", {"epochs": 0}, "finetune: epochs must be >= 1"),
+        ("neg_grad", {"lr": 0.0}, "neg_grad: lr must be > 0.0"),
+        ("bad_teacher", {"retain_fraction": 2.0}, "retain_fraction must be >= 0.0 and <= 1.0"),
+        ("fisher", {"alpha": -1e-6}, "fisher: alpha must be > 0.0"),
+        ("retrain", {"epochs": 0}, "retrain: epochs must be >= 1"),
+    ],
+)
+def test_bad_options_are_rejected_with_a_clear_message(name, options, message):
+    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        get_method(name, **options)
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(InvalidInputError, match="already registered"):
+
+        @register_method("tmu")
+        class Again(UnlearnMethod):  # pragma: no cover - never instantiated
+            def unlearn(self, model, meta, data, device, workdir=None):
+                raise NotImplementedError
+
+
+# --- features ------------------------------------------------------------------------------------------
+
+
+def test_distance_feature_matches_brute_force_and_sorts():
+    gen = generator(1)
+    query, reference = torch.randn(5, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    labels_q, labels_r = torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0, 1] * 4 + [0])
+    got = distance_feature(query, labels_q, reference, labels_r, top_n=3)
+    brute = torch.cdist(query, reference).sort(dim=1).values[:, :3]
+    torch.testing.assert_close(got, brute)
+    same = distance_feature(query, labels_q, reference, labels_r, top_n=3, same_class=True)
+    for row in range(5):
+        pool = reference[labels_r == labels_q[row]]
+        torch.testing.assert_close(same[row], torch.cdist(query[row:row + 1], pool).sort().values[0, :3])
+    assert bool((same >= got - 1e-6).all())  # a restricted pool is never closer
+
+
+def test_distance_feature_normalises_and_pads_short_pools():
+    query, reference = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 5.0], [10.0, 0.0]])
+    normalised = distance_feature(query, torch.zeros(1), reference, torch.zeros(2), top_n=3, normalise=True)
+    torch.testing.assert_close(normalised, torch.tensor([[0.0, 2 ** 0.5, 2 ** 0.5]]))
+    with pytest.raises(InvalidInputError, match="top_n must be >= 1"):
+        distance_feature(query, torch.zeros(1), reference, torch.zeros(2), top_n=0)
+
+
+class _Linear(nn.Module):
+    """Two-class linear model on the first pixel: logit gap = 40 * (x - 0.5)."""
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        v = x01.flatten(1)[:, :1]
+        return torch.cat([20 * (0.5 - v), 20 * (v - 0.5)], dim=1)
+
+
+def test_adversarial_feature_is_larger_near_the_boundary():
+    # First pixel 130/255 sits just past the boundary at 0.5 (flipped by eps = 4/255); 250/255 is far away.
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 130, 250
+    labels = torch.tensor([1, 1])
+    af = adversarial_feature(_Linear(), images, labels, DEVICE, eps=4 / 255, steps=4)
+    assert af[0] > 0.5 and 0 <= af[1] < 0.01
+    clean_only = adversarial_feature(_Linear(), images, labels, DEVICE, eps=1e-9, steps=1)
+    assert bool((af >= clean_only - 1e-5).all())
+
+
+def test_assemble_orders_columns_and_logs_losses():
+    cols = {"df": torch.ones(3, 2), "af": torch.full((3,), 1.0), "cf": torch.full((3,), 2.0)}
+    out = assemble(cols, ("cf", "df"), log_losses=True)
+    assert out.shape == (3, 3)
+    torch.testing.assert_close(out[:, 0], torch.log(torch.full((3,), 2.0 + 1e-6)))
+
+
+# --- easy/hard classifier ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_classifier_beats_chance_on_a_separable_split(loss):
+    gen = generator(2)
+    easy = torch.rand(400, generator=gen) < 0.6
+    centre = torch.where(easy[:, None], torch.tensor([1.0, -1.0, 0.5]), torch.tensor([-1.0, 1.0, 0.0]))
+    features = centre * 50 + 20 * torch.randn(400, 3, generator=gen) + 300  # unscaled: standardisation matters
+    clf = fit_classifier(features[:300], easy[:300], ClassifierConfig(epochs=30, loss=loss))
+    held_out = label_accuracy(predict_easy(clf, features[300:]), easy[300:])
+    majority = 100.0 * max(easy[300:].float().mean().item(), 1 - easy[300:].float().mean().item())
+    assert held_out > majority + 15
+
+
+def test_classifier_rejects_bad_shapes():
+    with pytest.raises(InvalidInputError, match="expected \\(N, F\\) features and \\(N,\\) labels"):
+        fit_classifier(torch.zeros(4, 2), torch.zeros(3), ClassifierConfig())
+    with pytest.raises(InvalidInputError, match="hidden must be positive"):
+        ClassifierConfig(hidden=(64, 0))
+
+
+# --- bounded fine-tune ---------------------------------------------------------------------------------
+
+
+def test_bounded_hard_objectives_stop_pushing():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    labels = torch.tensor([0, 0])
+    cfg = TuneConfig(margin=1.0)
+    hard_loss(logits, labels, cfg).backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0  # sample 1 already past the margin
+    logits.grad = None
+    hard_loss(logits, labels, TuneConfig(hard_objective="ce_clamp", ascent_cap=2.0)).backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0  # sample 1's loss is over the cap
+
+
+def _two_blob_model() -> tuple[nn.Module, TuneSet, TuneSet]:
+    """Blobs at pixel 50 (class 0) and 200 (class 1) plus three class-0 samples at 120, near the boundary."""
+    gen = generator(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.cat([torch.full((8, 3, 2, 2), 50), torch.full((8, 3, 2, 2), 200), torch.full((3, 3, 2, 2), 120)])
+    x = (x.float() + torch.randn(x.shape, generator=gen) * 10).clamp(0, 255).to(torch.uint8)
+    y = torch.tensor([0] * 8 + [1] * 8 + [0] * 3)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(model(x.float() / 255), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    hard_rows, easy_rows = torch.tensor([16, 17, 18]), torch.tensor([0, 1, 2, 8, 9, 10])
+    return model, TuneSet(x[hard_rows], y[hard_rows]), TuneSet(x[easy_rows], y[easy_rows])
+
+
+@pytest.mark.parametrize("objective", ["margin", "ce_clamp"])
+def test_forget_finetune_misclassifies_hard_and_keeps_easy(objective):
+    model, hard, easy = _two_blob_model()
+    cfg = TuneConfig(lr=0.05, max_steps=200, hard_objective=objective, noise_std=4.0)
+    result = forget_finetune(model, hard, easy, None, cfg, DEVICE)
+    assert result.hard_accuracy_before == 100.0 and result.easy_accuracy_before == 100.0
+    assert result.stop_reason == "aligned" and result.steps < 200
+    assert result.hard_accuracy_after == 0.0 and result.easy_accuracy_after == 100.0
+    with torch.no_grad():
+        assert bool((model(hard.images.float() / 255).argmax(1) != hard.labels).all())
+
+
+def test_forget_finetune_stops_at_max_steps():
+    model, hard, easy = _two_blob_model()
+    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-6, max_steps=3), DEVICE)
+    assert result.stop_reason == "max_steps" and result.steps == 3

@@ -1,0 +1,147 @@
+"""TMU end to end on a tiny synthetic problem: prepare/reuse, determinism, what the fine-tune does."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from test_unlearn_support import make_problem, state_equal
+from tmu_core.errors import InvalidInputError
+from tmu_core.unlearn import get_method
+from tmu_core.unlearn.common import correct_of, model_hash
+
+DEVICE = torch.device("cpu")
+FAST = {"twin_epochs": 6, "clf_epochs": 40, "max_steps": 15}
+
+
+@functools.lru_cache(maxsize=1)
+def problem():
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return problem()
+
+
+def _accuracy(model, data, ids):
+    if not ids:
+        return None
+    images, labels = data.load(ids)
+    return 100.0 * correct_of(model, images, labels, DEVICE).float().mean().item()
+
+
+def test_tmu_unlearns_predicted_hard_and_keeps_predicted_easy(prob):
+    forget = prob.forget_ids(0, 20)
+    data = prob.data(forget)
+    before = model_hash(prob.model)
+    outcome = get_method("tmu", **FAST).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert model_hash(prob.model) == before, "the input model must not change"
+    hard = outcome.predicted_hard_ids
+    easy = [i for i in forget if i not in set(hard)]
+    details = outcome.details
+    assert details["predicted_hard"] == len(hard) and details["predicted_easy"] == len(easy) == len(forget) - len(hard)
+    assert set(details["timings"]) >= {"prepare", "features_and_classifier", "fine_tune", "total"}
+    assert details["stop_reason"] in ("aligned", "max_steps") and 0 <= details["steps"] <= FAST["max_steps"]
+    json.dumps(details)  # reports travel as JSON
+    assert hard, "the flipped-label forget samples should give the classifier something to call hard"
+    assert _accuracy(outcome.model, data, hard) < _accuracy(prob.model, data, hard)
+    if easy:
+        assert _accuracy(outcome.model, data, easy) >= _accuracy(prob.model, data, easy) - 10.0
+    if details["stop_reason"] == "aligned":
+        assert _accuracy(outcome.model, data, hard) == 0.0
+
+
+def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
+    """Flipped-label samples are hard by construction; the classifier must find them better than chance."""
+    forget = prob.forget_ids(1, 30, seed=1)
+    outcome = get_method("tmu", max_steps=1, **{k: v for k, v in FAST.items() if k != "max_steps"}).unlearn(
+        prob.model, prob.meta, prob.data(forget), DEVICE, None)
+    predicted = [i in set(outcome.predicted_hard_ids) for i in forget]
+    truth = [i in prob.flipped for i in forget]
+    agree = sum(p == t for p, t in zip(predicted, truth)) / len(forget)
+    majority = max(sum(truth), len(truth) - sum(truth)) / len(forget)
+    assert agree >= majority, f"ACC_gl {agree:.2f} below the majority-class rate {majority:.2f}"
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_does_not(prob):
+    data = prob.data(prob.forget_ids(2, 15))
+    runs = [get_method("tmu", seed=seed, **FAST).unlearn(prob.model, prob.meta, data, DEVICE, None)
+            for seed in (0, 0, 1)]
+    assert state_equal(runs[0].model, runs[1].model)
+    assert runs[0].predicted_hard_ids == runs[1].predicted_hard_ids
+    assert not state_equal(runs[0].model, runs[2].model)
+
+
+def test_prepare_is_reused_from_memory_and_from_disk(prob, tmp_path):
+    forget = prob.forget_ids(3, 10)
+    data = prob.data(forget)
+    prep = prob.data(())
+    first = get_method("tmu", **FAST)
+    first.prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
+    assert first.builds == 1
+    assert {p.name for p in tmp_path.iterdir()} >= {"manifest.json", "twin_model.pt", "cf_model.pt",
+                                                      "train_features.pt", "twin_problem.pt", "classifier.pt"}
+    outcome = first.unlearn(prob.model, prob.meta, data, DEVICE, tmp_path)
+    assert outcome.details["prepared"] == "memory" and first.builds == 1
+
+    second = get_method("tmu", **FAST)  # a new process would start like this
+    again = second.unlearn(prob.model, prob.meta, data, DEVICE, tmp_path)
+    assert again.details["prepared"] == "disk" and second.builds == 0
+    assert state_equal(outcome.model, again.model)
+    assert again.details["timings"]["prepare"] < outcome.details["prepared_info"]["timings"]["total"]
+
+
+def test_prepare_rebuilds_when_the_model_or_options_change(prob, tmp_path):
+    prep = prob.data(())
+    get_method("tmu", **FAST).prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
+    changed = get_method("tmu", **{**FAST, "df_top_n": 3})
+    changed.prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
+    assert changed.builds == 1
+    tuned_only = get_method("tmu", **{**FAST, "df_top_n": 3, "noise_std": 2.0})  # a fine-tune option
+    tuned_only.prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
+    assert tuned_only.builds == 0
+    other_model = get_method("neg_grad", epochs=1).unlearn(prob.model, prob.meta, prob.data(prob.forget_ids(0, 5)),
+                                                          DEVICE, None).model
+    tuned_only.prepare(other_model, prob.meta, prep, DEVICE, tmp_path)
+    assert tuned_only.builds == 1
+
+
+def test_cf_per_request_retrains_the_curriculum_model(prob):
+    data = prob.data(prob.forget_ids(0, 12))
+    outcome = get_method("tmu", cf_per_request=True, **FAST).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert outcome.details["cf_model"] == "per_request" and outcome.details["cf_seconds"] > 0
+
+
+@pytest.mark.parametrize("features", [("df",), ("af",), ("cf",), ("df", "cf")])
+def test_feature_subsets_run(prob, features):
+    data = prob.data(prob.forget_ids(1, 8))
+    outcome = get_method("tmu", features=features, **{**FAST, "max_steps": 2}).unlearn(
+        prob.model, prob.meta, data, DEVICE, None)
+    assert outcome.details["features"] == list(features)
+
+
+def test_tmu_input_errors(prob):
+    with pytest.raises(InvalidInputError, match="forget_ids is empty"):
+        get_method("tmu", **FAST).unlearn(prob.model, prob.meta, prob.data(()), DEVICE, None)
+    forget = prob.forget_ids(0, 3)
+    no_twin = type(prob.data(()))(prob.source, forget, [i for i in prob.train_ids if i not in forget], ())
+    with pytest.raises(InvalidInputError, match="needs twin_ids"):
+        get_method("tmu", **FAST).unlearn(prob.model, prob.meta, no_twin, DEVICE, None)
+
+
+@pytest.mark.gpu
+def test_tmu_runs_on_cuda(prob):
+    device = torch.device("cuda")
+    data = prob.data(prob.forget_ids(0, 20))
+    outcome = get_method("tmu", **FAST).unlearn(prob.model, prob.meta, data, device, None)
+    assert next(outcome.model.parameters()).device.type == "cuda"
+    hard = outcome.predicted_hard_ids
+    if hard:
+        images, labels = data.load(hard)
+        after = correct_of(outcome.model, images, labels, device).float().mean().item()
+        before = correct_of(prob.model.to(device), images, labels, device).float().mean().item()
+        assert after < before

@@ -1,0 +1,77 @@
+"""``tmu-admin evaluate``: run an evaluation protocol and print the paper-style table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tmu_core.cli import cli
+from tmu_core.cli.common import parse_list, tmu_errors
+
+PROTOCOLS = ("cpu-small", "digits-tiny", "paper")
+
+
+def _numbers(text: str | None, option: str, kind: type) -> list | None:
+    """Parse ``"1,2"`` into numbers of ``kind``; ``None`` when the option was not given."""
+    if text is None:
+        return None
+    values = []
+    for part in parse_list(text):
+        try:
+            values.append(kind(part))
+        except ValueError as err:
+            raise click.BadParameter(
+                f"{part!r} is not {'an integer' if kind is int else 'a number'}; expected a comma-separated list "
+                f"such as {'3,8' if kind is int else '0,1,3'}", param_hint=option) from err
+    if not values:
+        raise click.BadParameter("expected at least one value", param_hint=option)
+    return values
+
+
+@cli.command("evaluate")
+@click.option("--protocol", "protocol_name", type=click.Choice(PROTOCOLS), default="cpu-small", show_default=True,
+              help="Built-in protocol to run.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CIFAR-10 JPEG zip (default: ../shared/data/cifar10-jpeg.zip beside the repository).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for results.json/.csv/.png/.txt (default: runs/<protocol>).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached indexes and trained models, shared between runs (default: <out>/cache).")
+@click.option("--methods", default=None, help="Comma-separated methods, e.g. tmu,finetune (default: the protocol's).")
+@click.option("--classes", default=None, help="Comma-separated forget classes, e.g. 3,8.")
+@click.option("--forget-size", type=click.IntRange(min=1), default=None, help="Forget samples per class.")
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Override the training epochs of the original and gold models.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--noise", default=None, help="TMU noise levels, one TMU row each, e.g. 0,1,3,5,10 (Table 4).")
+@click.option("--features", "feature_sets", multiple=True,
+              help="TMU feature subset, e.g. df,af,cf; repeat for one TMU row per subset (Table 3).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
+             methods: str | None, classes: str | None, forget_size: int | None, seeds: str | None,
+             epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
+             progress: bool) -> None:
+    """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
+    from tmu_core.device import resolve_device
+    from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol
+
+    noise_levels = _numbers(noise, "--noise", float) or []
+    with tmu_errors():
+        protocol = customize(
+            builtin_protocol(protocol_name, data),
+            methods=parse_list(methods) if methods is not None else None,
+            classes=_numbers(classes, "--classes", int),
+            forget_size=forget_size,
+            seeds=_numbers(seeds, "--seeds", int),
+            noise_levels=noise_levels,
+            feature_sets=[parse_list(subset) for subset in feature_sets],
+            epochs=epochs,
+        )
+        out = out_dir if out_dir is not None else Path("runs") / protocol_name
+        result = run_protocol(protocol, out, resolve_device(device), cache_dir=cache_dir, progress=progress)
+    click.echo(format_table(result))
+    click.echo("")
+    for kind, path in result.files.items():
+        click.echo(f"{kind}: {path}")

@@ -1,0 +1,270 @@
+"""Run an evaluation protocol end to end: original, gold and floor models, every method, every metric.
+
+For each seed: train (or read from the cache) the original model on all training ids; prepare each method
+once for it (timed apart from the requests). For each forget class: draw the forget ids, train (or read)
+the gold model on D_r and a second gold with another seed (the floor), run each method's forget request
+and score every model against the gold. The index is only read: the run works on ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tmu_core.evaluate.cache import TrainedModel, open_index, trained_model
+from tmu_core.evaluate.metrics import accuracy
+from tmu_core.evaluate.protocols import MethodSpec, Protocol
+from tmu_core.evaluate.report import write_outputs
+from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, SplitSummary, mean_rows
+from tmu_core.evaluate.scoring import (
+    EvalTensors,
+    ForgetSet,
+    MemorySource,
+    Outputs,
+    RowInfo,
+    Scores,
+    hard_mask,
+    make_forget_set,
+    make_row,
+    model_outputs,
+    score,
+)
+from tmu_core.evaluate.splits import TestSplit, pick_forget_ids, split_test
+from tmu_core.unlearn import UnlearnData, UnlearnMethod, get_method
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Run:
+    protocol: Protocol
+    source: MemorySource
+    split: TestSplit
+    tensors: EvalTensors
+    device: torch.device
+    cache_dir: Path
+    workdir: Path
+    bar: Any
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    spec: MethodSpec
+    method: UnlearnMethod
+    seconds: float
+    workdir: Path
+
+
+def _timed(device: torch.device, fn: Any, *args: Any) -> tuple[Any, float]:
+    """Call ``fn(*args)`` and return its result and wall time, waiting for queued CUDA work to finish."""
+    started = time.perf_counter()
+    value = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return value, time.perf_counter() - started
+
+
+def _step(run: _Run, text: str) -> None:
+    run.bar.set_description(text)
+    logger.info("%s", text)
+
+
+def _outputs(run: _Run, model: torch.nn.Module) -> Outputs:
+    return model_outputs(model, run.source, run.tensors, run.device, run.protocol.eval_batch_size)
+
+
+def _train(run: _Run, ids: tuple[str, ...], seed: int, role: str) -> TrainedModel:
+    cfg = replace(run.protocol.train, seed=seed)
+    model = trained_model(run.source, ids, run.protocol.arch, cfg, run.protocol.source, run.cache_dir,
+                          run.device, role)
+    run.bar.update(1)
+    return model
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", label)
+
+
+def _prepare_methods(run: _Run, original: TrainedModel, seed: int) -> list[_Prepared]:
+    """Prepare every method once for this original model (per model version, independent of D_f)."""
+    train_ids = run.tensors.train_ids
+    data = UnlearnData(run.source, (), train_ids, run.split.twin_ids)
+    prepared = []
+    for spec in run.protocol.methods:
+        _step(run, f"seed {seed}: prepare {spec.label}")
+        method = get_method(spec.name, **dict(spec.options))
+        workdir = run.workdir / f"seed{seed}" / _safe(spec.label)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _, seconds = _timed(run.device, method.prepare, original.model, original.meta, data, run.device, workdir)
+        prepared.append(_Prepared(spec, method, seconds, workdir))
+        run.bar.update(1)
+    return prepared
+
+
+def _compact(details: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep numbers, strings and short lists of what a method reports (results.json stays readable)."""
+    kept: dict[str, Any] = {}
+    for key, value in details.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            kept[key] = value
+        elif isinstance(value, (list, tuple)) and len(value) <= 20:
+            kept[key] = list(value)
+        elif isinstance(value, Mapping):
+            kept[key] = _compact(value)
+    return kept
+
+
+def _reference_rows(run: _Run, forget_set: ForgetSet, original: TrainedModel, original_scores: Scores,
+                    gold: TrainedModel, gold_scores: Scores) -> Iterator[MethodResult]:
+    yield make_row(RowInfo("original", "original", original.seconds), original_scores, gold_scores, forget_set)
+    yield make_row(RowInfo("gold", "gold", gold.seconds), gold_scores, gold_scores, forget_set)
+    floor_seed = forget_set.seed + run.protocol.floor_seed_offset
+    _step(run, f"seed {forget_set.seed} class {forget_set.forget_class}: floor gold (seed {floor_seed})")
+    floor = _train(run, forget_set.retain_ids, floor_seed, "floor")
+    floor_scores = score(_outputs(run, floor.model), run.tensors, forget_set, run.protocol.mia_alpha)
+    # Predicting "hard" where the floor gold errs measures how far two golds agree per sample.
+    info = RowInfo("gold-floor", "floor", floor.seconds, predicted_hard=~floor_scores.forget_correct,
+                   details={"seed": floor_seed})
+    yield make_row(info, floor_scores, gold_scores, forget_set)
+
+
+def _is_gold_retrain(run: _Run, spec: MethodSpec, seed: int) -> bool:
+    """``retrain`` with the protocol's recipe and seed trains exactly the gold model (same ids, recipe, seed)."""
+    if spec.name != "retrain":
+        return False
+    options = dict(spec.options)
+    return options.get("seed") in (None, seed) and options.get("epochs") in (None, run.protocol.train.epochs)
+
+
+def _method_row(run: _Run, item: _Prepared, original: TrainedModel, data: UnlearnData, forget_set: ForgetSet,
+                gold: tuple[TrainedModel, Scores]) -> MethodResult:
+    _step(run, f"seed {forget_set.seed} class {forget_set.forget_class}: {item.spec.label}")
+    gold_model, gold_scores = gold
+    if _is_gold_retrain(run, item.spec, forget_set.seed):
+        # Training it again would repeat the gold's run; its cost is the gold's measured training time.
+        run.bar.update(1)
+        info = RowInfo(item.spec.label, "method", gold_model.seconds, item.seconds,
+                       details={"same_run_as": "gold", "gold_cached": gold_model.cached})
+        return make_row(info, gold_scores, gold_scores, forget_set)
+    outcome, seconds = _timed(run.device, item.method.unlearn, original.model, original.meta, data, run.device,
+                              item.workdir)
+    scores = score(_outputs(run, outcome.model), run.tensors, forget_set, run.protocol.mia_alpha)
+    hard = None
+    if outcome.predicted_hard_ids is not None:
+        hard = hard_mask(forget_set.forget_ids, outcome.predicted_hard_ids)
+    details = {"reported_seconds": outcome.seconds, **_compact(outcome.details)}
+    info = RowInfo(item.spec.label, "method", seconds, item.seconds, hard, details)
+    run.bar.update(1)
+    return make_row(info, scores, gold_scores, forget_set)
+
+
+def _run_forget_set(run: _Run, seed: int, forget_class: int, original: TrainedModel, original_outputs: Outputs,
+                    prepared: list[_Prepared]) -> list[MethodResult]:
+    protocol = run.protocol
+    forget_ids = pick_forget_ids(run.source, forget_class, protocol.forget_size, seed)
+    class_name = run.source.classes[forget_class]
+    forget_set = make_forget_set(run.tensors, seed, forget_class, class_name, forget_ids)
+    _step(run, f"seed {seed} class {forget_class} ({class_name}): gold")
+    gold = _train(run, forget_set.retain_ids, seed, "gold")
+    gold_scores = score(_outputs(run, gold.model), run.tensors, forget_set, protocol.mia_alpha)
+    original_scores = score(original_outputs, run.tensors, forget_set, protocol.mia_alpha)
+    rows = list(_reference_rows(run, forget_set, original, original_scores, gold, gold_scores))
+    data = UnlearnData(run.source, forget_set.forget_ids, forget_set.retain_ids, run.split.twin_ids)
+    for item in prepared:
+        rows.append(_method_row(run, item, original, data, forget_set, (gold, gold_scores)))
+    return rows
+
+
+def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]]:
+    _step(run, f"seed {seed}: original model")
+    original = _train(run, run.tensors.train_ids, seed, "original")
+    original_outputs = _outputs(run, original.model)
+    summary = OriginalSummary(
+        seed=seed,
+        train_accuracy=accuracy(original_outputs.train_logits, run.tensors.train_labels),
+        eval_accuracy=accuracy(original_outputs.eval_logits, run.tensors.eval_labels),
+        seconds=original.seconds,
+        cached=original.cached,
+        checkpoint=str(original.path),
+    )
+    if summary.train_accuracy < 95.0:
+        logger.warning("original model seed=%d fits only %.1f%% of its training set (target >= 95%%); "
+                       "forgetting is barely measurable below that", seed, summary.train_accuracy)
+    prepared = _prepare_methods(run, original, seed)
+    rows = []
+    for forget_class in run.protocol.forget_classes:
+        rows += _run_forget_set(run, seed, forget_class, original, original_outputs, prepared)
+    return summary, rows
+
+
+def _tensors(source: MemorySource, split: TestSplit) -> EvalTensors:
+    train_ids = tuple(source.ids("train"))
+    return EvalTensors(train_ids, split.eval_ids, source.labels(train_ids), source.labels(split.eval_ids))
+
+
+def _check_fits(protocol: Protocol, index: Any) -> None:
+    """Fail before any training when a forget class or the forget size does not fit the data."""
+    for seed in protocol.seeds:
+        for forget_class in protocol.forget_classes:
+            pick_forget_ids(index, forget_class, protocol.forget_size, seed)
+
+
+def _steps(protocol: Protocol) -> int:
+    per_class = 2 + len(protocol.methods)
+    return len(protocol.seeds) * (1 + len(protocol.methods) + len(protocol.forget_classes) * per_class)
+
+
+def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_dir: Path | None = None,
+                 progress: bool = True) -> ProtocolResult:
+    """Run ``protocol`` and write ``results.json``, ``results.csv``, ``results.png`` and ``results.txt``.
+
+    Args:
+        protocol: what to run.
+        out_dir: folder for the result files (created).
+        device: where to train, unlearn and score.
+        cache_dir: folder for the index and trained models shared between runs (default ``out_dir/cache``).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The per-class rows, the mean rows, the original models' fit and the paths of the written files.
+
+    Raises:
+        InvalidInputError: the data is missing, a forget class or size does not fit the data, or a method
+            rejects its options.
+    """
+    started = time.perf_counter()
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index = open_index(protocol.source, cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="evaluate-", dir=cache_dir))
+    try:
+        _check_fits(protocol, index)
+        split = split_test(index, protocol.twin_fraction, protocol.split_seed)
+        source = MemorySource(index, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
+        with tqdm(total=_steps(protocol), disable=not progress, unit="step") as bar:
+            run = _Run(protocol, source, split, _tensors(source, split), device, cache_dir, workdir, bar)
+            results = [_run_seed(run, seed) for seed in protocol.seeds]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        index.close()
+    rows = tuple(row for _, seed_rows in results for row in seed_rows)
+    result = ProtocolResult(
+        protocol=protocol.to_dict(),
+        device=str(device),
+        splits=SplitSummary(len(run.tensors.train_ids), len(split.twin_ids), len(split.eval_ids), protocol.forget_size),
+        originals=tuple(summary for summary, _ in results),
+        rows=rows,
+        means=mean_rows(rows),
+        wall_seconds=time.perf_counter() - started,
+    )
+    return write_outputs(result, out_dir)

@@ -1,0 +1,172 @@
+"""Render a :class:`ProtocolResult` as the paper-style text table, JSON, CSV and a PNG figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from tmu_core.evaluate.results import MethodResult, ProtocolResult
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "method", "kind", "forget_class", "class_name", "seed", "acc_dtest", "acc_df", "delta", "ad",
+    "asr", "gold_asr", "acc_dr", "acc_gl", "seconds", "prepare_seconds", "runs",
+)
+_HEADER = (
+    f"{'method':<26}{'ACC_Dtest':>10}{'ACC_Df':>8}{'Delta':>7}{'AD':>7}{'ASR':>7}{'ASRgold':>8}"
+    f"{'ACC_Dr':>8}{'ACC_gl':>8}{'seconds':>9}{'prep_s':>8}"
+)
+
+
+def _opt(value: float | None, width: int, digits: int = 1) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def format_row(row: MethodResult) -> str:
+    """One fixed-width table line for a row."""
+    return (
+        f"{row.method:<26}{row.acc_dtest:>10.2f}{row.acc_df:>8.1f}{row.delta:>7.1f}{row.ad:>7.3f}"
+        f"{row.asr:>7.1f}{row.gold_asr:>8.1f}{row.acc_dr:>8.1f}{_opt(row.acc_gl, 8)}"
+        f"{row.seconds:>9.1f}{_opt(row.prepare_seconds, 8)}"
+    )
+
+
+def _section(title: str, rows: Sequence[MethodResult]) -> list[str]:
+    return [title, _HEADER, *(format_row(row) for row in rows), ""]
+
+
+def _preamble(result: ProtocolResult) -> list[str]:
+    proto, splits = result.protocol, result.splits
+    lines = [
+        f"protocol {proto['name']}: arch {proto['arch']}, forget {splits.forget} samples from each of classes "
+        f"{', '.join(str(c) for c in proto['forget_classes'])}, seeds {', '.join(str(s) for s in proto['seeds'])}, "
+        f"device {result.device}, wall {result.wall_seconds:.0f} s",
+        f"splits: train {splits.train}; test split into twin {splits.twin} (only TMU's twin problem sees it) and "
+        f"eval {splits.eval} (never seen by any method)",
+        "ACC_Dtest = accuracy on the eval split; ASR = loss-threshold attack on D_f, threshold = "
+        f"{proto['mia_alpha']:.2f}-quantile of the model's own losses on the eval split; ASRgold = same attack on the gold",
+        "ACC_Df on the forget set; ACC_Dr on the retained training set; Delta = |ACC_Df - gold ACC_Df|; "
+        "AD = mean L2 between softmax outputs and the gold's on D_f",
+        "gold-floor = gold retrained with another seed (its Delta is the noise floor; its ACC_gl is the two golds' "
+        "agreement on D_f correctness); seconds = request time (training time for original/gold rows), "
+        "prep_s = per-model preparation",
+    ]
+    for original in result.originals:
+        lines.append(
+            f"original seed {original.seed}: train accuracy {original.train_accuracy:.1f}% "
+            f"(target >= 95), eval accuracy {original.eval_accuracy:.2f}%, trained in {original.seconds:.0f} s"
+            f"{' (cached)' if original.cached else ''}"
+        )
+    return lines + [""]
+
+
+def format_table(result: ProtocolResult) -> str:
+    """The paper-style table: a section per (seed, forget class) and the mean over all of them.
+
+    Args:
+        result: a finished protocol run.
+
+    Returns:
+        Multi-line text, ready to print.
+    """
+    lines = _preamble(result)
+    sections: dict[tuple[int | None, int | None], list[MethodResult]] = {}
+    for row in result.rows:
+        sections.setdefault((row.seed, row.forget_class), []).append(row)
+    for (seed, forget_class), rows in sections.items():
+        lines += _section(f"class {forget_class} ({rows[0].class_name}), seed {seed}", rows)
+    lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means))
+    return "\n".join(lines)
+
+
+def write_json(result: ProtocolResult, path: Path) -> None:
+    """Write the whole result (protocol, splits, originals, rows, means) as indented JSON."""
+    path.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+
+
+def write_csv(result: ProtocolResult, path: Path) -> None:
+    """Write one CSV line per row and per mean row, with the columns of :data:`CSV_COLUMNS`."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in (*result.rows, *result.means):
+            values = asdict(row)
+            writer.writerow({name: "" if values[name] is None else values[name] for name in CSV_COLUMNS})
+
+
+def _delta_panel(ax: Any, result: ProtocolResult, labels: list[str]) -> None:
+    sets = sorted({(row.seed, row.forget_class, row.class_name) for row in result.rows}, key=str)
+    width = 0.8 / (len(sets) + 1)
+    for position, (seed, forget_class, class_name) in enumerate(sets):
+        by_label = {r.method: r.delta for r in result.rows if (r.seed, r.forget_class) == (seed, forget_class)}
+        xs = [i + position * width for i in range(len(labels))]
+        ax.bar(xs, [by_label.get(label, 0.0) for label in labels], width, label=f"{class_name} (s{seed})")
+    mean_delta = {row.method: row.delta for row in result.means}
+    xs = [i + len(sets) * width for i in range(len(labels))]
+    ax.bar(xs, [mean_delta[label] for label in labels], width, label="mean", color="black")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=40, ha="right")
+    ax.set_ylabel("Delta = |ACC_Df - gold ACC_Df| (points)")
+    ax.set_title("Alignment gap per method and forget class")
+    ax.legend(fontsize=7)
+
+
+def _accuracy_panel(ax: Any, result: ProtocolResult, labels: list[str]) -> None:
+    for label in labels:
+        points = [(gold_acc(result, r), r.acc_df) for r in result.rows if r.method == label]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label=label, s=30)
+    ax.plot([0, 100], [0, 100], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("gold ACC_Df (%)")
+    ax.set_ylabel("method ACC_Df (%)")
+    ax.set_title("ACC_Df against the gold's (diagonal = aligned)")
+    ax.legend(fontsize=7)
+
+
+def write_figure(result: ProtocolResult, path: Path) -> None:
+    """Two panels: Delta per method and forget class (with the floor), and ACC_Df of each method vs the gold's.
+
+    Uses matplotlib's Agg backend, so it needs no display.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row.method for row in result.means if row.kind != "gold"]
+    fig, (ax_delta, ax_acc) = plt.subplots(1, 2, figsize=(13, 5))
+    _delta_panel(ax_delta, result, labels)
+    _accuracy_panel(ax_acc, result, labels)
+    fig.suptitle(f"protocol {result.protocol['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def gold_acc(result: ProtocolResult, row: MethodResult) -> float:
+    """The gold model's ACC_Df for the forget set of ``row``."""
+    for candidate in result.rows:
+        if candidate.kind == "gold" and (candidate.seed, candidate.forget_class) == (row.seed, row.forget_class):
+            return candidate.acc_df
+    return float("nan")
+
+
+def write_outputs(result: ProtocolResult, out_dir: Path) -> ProtocolResult:
+    """Write ``results.json``, ``results.csv``, ``results.png`` and the table as ``results.txt`` into ``out_dir``.
+
+    Returns:
+        ``result`` with ``files`` set to the written paths by kind (``json``, ``csv``, ``png``, ``txt``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"results.{kind}" for kind in ("json", "csv", "png", "txt")}
+    result = replace(result, files={kind: str(p) for kind, p in paths.items()})
+    write_csv(result, paths["csv"])
+    write_figure(result, paths["png"])
+    write_json(result, paths["json"])
+    paths["txt"].write_text(format_table(result) + "\n")
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return result

@@ -1,0 +1,37 @@
+"""Unlearning methods behind one interface: ``tmu`` and the baselines, looked up by name.
+
+```python
+from tmu_core.unlearn import UnlearnData, get_method
+data = UnlearnData(index, forget_ids, retain_ids, twin_ids)
+method = get_method("tmu", noise_std=8.0)
+method.prepare(model, meta, data, device, workdir)        # once per model version
+outcome = method.unlearn(model, meta, data, device, workdir)
+```
+"""
+
+from tmu_core.unlearn.base import (
+    SampleSource,
+    TensorSource,
+    UnlearnData,
+    UnlearnMethod,
+    UnlearnOutcome,
+    get_method,
+    list_methods,
+    register_method,
+)
+
+# Importing the method modules registers them.
+from tmu_core.unlearn import bad_teacher, baselines, fisher, tmu  # noqa: E402,F401  isort: skip
+from tmu_core.unlearn.options import TmuOptions  # noqa: E402
+
+__all__ = [
+    "SampleSource",
+    "TensorSource",
+    "TmuOptions",
+    "UnlearnData",
+    "UnlearnMethod",
+    "UnlearnOutcome",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,182 @@
+"""Tensor helpers shared by the unlearning methods: batched inference, short SGD runs, hashing, fresh models.
+
+Images are uint8 (N, C, H, W) on any device; models take floats in [0, 1] and normalise inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmu_core.device import generator
+
+logger = logging.getLogger(__name__)
+
+
+def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C, H, W) in [0, 1] on ``device``."""
+    return images.to(device).float().div_(255.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with the model in eval mode, restoring its former mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def batched(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+            batch_size: int = 256) -> torch.Tensor:
+    """Apply ``model_fn`` to [0, 1] inputs batch by batch under inference mode; results gathered on ``device``."""
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            outputs.append(model_fn(as_input(images[start:start + batch_size], device)))
+    return torch.cat(outputs) if outputs else torch.empty(0, device=device)
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """(N, K) logits of uint8 images, model in eval mode."""
+    with eval_mode(model):
+        return batched(model, images, device, batch_size)
+
+
+def features_of(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) penultimate-layer activations (``model.features``) of uint8 images, model in eval mode."""
+    with eval_mode(model):
+        return batched(model.features, images, device, batch_size)
+
+
+def losses_of(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N,) per-sample cross-entropy, model in eval mode."""
+    logits = logits_of(model, images, device)
+    return F.cross_entropy(logits, labels.to(device), reduction="none")
+
+
+def correct_of(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N,) bool: the model's arg-max equals the label."""
+    return logits_of(model, images, device).argmax(dim=1) == labels.to(device)
+
+
+def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    """The SGD optimiser every method here uses."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of one shuffled epoch over ``n`` samples (the last batch may be smaller)."""
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train_epochs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                 batch_size: int, seed: int, device: torch.device, weight_decay: float = 5e-4,
+                 stop_at_accuracy: float | None = None,
+                 until: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Plain cross-entropy SGD (momentum 0.9) over uint8 images, model in train mode.
+
+    Args:
+        model: trained in place.
+        images: (N, C, H, W) uint8.
+        labels: (N,) int64.
+        epochs: most epochs to run.
+        lr: constant learning rate.
+        batch_size: samples per step.
+        seed: seeds the shuffles.
+        device: where to compute.
+        weight_decay: L2 penalty.
+        stop_at_accuracy: stop after an epoch whose running training accuracy reaches this fraction.
+        until: called after each epoch (model in eval mode); training stops when it returns True.
+
+    Returns:
+        ``{"epochs": run, "steps": n, "train_accuracy": last epoch's running accuracy}``.
+    """
+    gen = generator(seed)
+    optimiser = sgd(model, lr, weight_decay=weight_decay)
+    model.train()
+    steps, run, acc = 0, 0, 0.0
+    for run in range(1, epochs + 1):
+        correct = 0
+        for rows in epoch_batches(images.shape[0], batch_size, gen):
+            x, y = as_input(images[rows], device), labels[rows].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            correct += int((logits.argmax(1) == y).sum())
+            steps += 1
+        acc = correct / max(1, images.shape[0])
+        if stop_at_accuracy is not None and acc >= stop_at_accuracy:
+            break
+        if until is not None:
+            model.eval()
+            done = until()
+            model.train()
+            if done:
+                break
+    model.eval()
+    return {"epochs": run, "steps": steps, "train_accuracy": acc}
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 over the model's state_dict (names, dtypes, shapes and bytes), independent of the device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def ids_hash(ids: Any) -> str:
+    """sha256 over sorted sample ids (the same rule as the index fingerprint)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def fresh_model(model: nn.Module, meta: Any, seed: int, device: torch.device) -> nn.Module:
+    """A randomly initialised model of the same architecture, seeded without touching the global RNG.
+
+    Uses ``tmu_core.models.build_model`` with the checkpoint metadata when ``meta`` names an architecture;
+    otherwise deep-copies ``model`` and re-runs every submodule's ``reset_parameters``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if meta is not None and getattr(meta, "arch", None):
+            from tmu_core.models import build_model
+
+            fresh = build_model(meta.arch, num_classes=meta.num_classes, in_channels=meta.in_channels,
+                                image_size=meta.image_size, mean=tuple(meta.mean), std=tuple(meta.std))
+        else:
+            fresh = copy.deepcopy(model)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    return fresh.to(device)
+
+
+def copy_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of ``model`` on ``device``, with gradients enabled on every parameter."""
+    clone = copy.deepcopy(model).to(device)
+    for parameter in clone.parameters():
+        parameter.requires_grad_(True)
+    return clone
+
+
+def subset_rows(n_pool: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted rows of a seeded random ``fraction`` of ``n_pool`` samples (at least one when the pool is not empty)."""
+    count = max(1 if n_pool else 0, round(fraction * n_pool))
+    return torch.randperm(n_pool, generator=generator(seed))[:count].sort().values

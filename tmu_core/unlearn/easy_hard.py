@@ -1,0 +1,178 @@
+"""The easy/hard (generalisation-label) classifier of TMU (paper sections 3.3 and 4.1.1).
+
+An MLP with hidden layers 64 and 32 and ReLU, trained with SGD (lr 0.01, momentum 0.9, weight decay 5e-4)
+for 100 epochs on the twin problem's features, standardised with the twin problem's own statistics.
+Label 1 = easy (the gold model classifies the sample correctly), 0 = hard. Predictions use threshold 0.5
+on the easy probability averaged over an ensemble of such MLPs (``members``; 1 is the paper's single MLP).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmu_core.device import generator
+from tmu_core.errors import InvalidInputError
+from tmu_core.unlearn.base import check_choice, check_range
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("bce", "ce")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How the easy/hard MLP is built and trained.
+
+    Attributes:
+        hidden: widths of the hidden layers.
+        epochs: passes over the twin problem's samples.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        batch_size: samples per step.
+        loss: ``"bce"`` (one logit, the public code's choice) or ``"ce"`` (two logits).
+        members: independently initialised and shuffled MLPs trained side by side; their easy
+            probabilities are averaged (one MLP on ~500 twin samples swings with its seed).
+        seed: initialisation and shuffles.
+    """
+
+    hidden: tuple[int, ...] = (64, 32)
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    loss: str = "bce"
+    members: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not self.hidden or min(self.hidden) < 1:
+            raise InvalidInputError(f"ClassifierConfig: hidden must be positive widths, got {self.hidden}")
+        check_range("ClassifierConfig", "epochs", self.epochs, 1)
+        check_range("ClassifierConfig", "lr", self.lr, 0.0, low_open=True)
+        check_range("ClassifierConfig", "momentum", self.momentum, 0.0, 1.0)
+        check_range("ClassifierConfig", "weight_decay", self.weight_decay, 0.0)
+        check_range("ClassifierConfig", "batch_size", self.batch_size, 1)
+        check_range("ClassifierConfig", "members", self.members, 1)
+        check_choice("ClassifierConfig", "loss", self.loss, LOSSES)
+
+
+class EasyHardMLP(nn.Module):
+    """``members`` MLPs with the same shape, stored as stacked weights; standardisation stats as buffers.
+
+    Each member is ``Linear -> ReLU -> ... -> Linear`` with PyTorch's default ``nn.Linear`` initialisation.
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], outputs: int, members: int = 1) -> None:
+        super().__init__()
+        sizes = (in_features, *hidden, outputs)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / fan_in ** 0.5
+            self.weights.append(nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound)))
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+
+    @property
+    def shape(self) -> dict[str, int | list[int]]:
+        """What rebuilds this module: in_features, hidden, outputs, members."""
+        widths = [w.shape[2] for w in self.weights]
+        return {"in_features": int(self.weights[0].shape[1]), "hidden": widths[:-1], "outputs": widths[-1],
+                "members": int(self.weights[0].shape[0])}
+
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw logits (E, N, outputs) of each member; ``features`` is (N, F) or per member (E, N, F)."""
+        x = (features - self.mean) / self.std
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.weights[0].shape[0], -1, -1)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if layer < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x
+
+    def easy_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,) probability that each sample is easy, averaged over the members."""
+        logits = self.member_logits(features)
+        probs = torch.sigmoid(logits[..., 0]) if logits.shape[-1] == 1 else F.softmax(logits, dim=-1)[..., 1]
+        return probs.mean(dim=0)
+
+
+def _loss(logits: torch.Tensor, easy: torch.Tensor) -> torch.Tensor:
+    """Sum over members of each member's mean loss; logits (E, B, outputs), easy (E, B)."""
+    if logits.shape[-1] == 1:
+        per = F.binary_cross_entropy_with_logits(logits[..., 0], easy.float(), reduction="none")
+    else:
+        per = F.cross_entropy(logits.flatten(0, 1), easy.long().flatten(), reduction="none").view(easy.shape)
+    return per.mean(dim=1).sum()
+
+
+def fit_classifier(features: torch.Tensor, easy: torch.Tensor, config: ClassifierConfig) -> EasyHardMLP:
+    """Train the easy/hard MLP ensemble on the twin problem.
+
+    Every member has its own initialisation and its own shuffle; they are trained in one batched pass,
+    which equals (up to floating-point rounding) training them one after the other.
+
+    Args:
+        features: (N, F) raw features of the twin problem's samples.
+        easy: (N,) bool or 0/1 generalisation labels (1 = easy).
+        config: architecture and training settings.
+
+    Returns:
+        The trained classifier in eval mode, on the features' device, with the standardisation stats inside.
+
+    Raises:
+        InvalidInputError: shapes do not match or fewer than two samples.
+    """
+    if features.dim() != 2 or easy.shape != (features.shape[0],):
+        raise InvalidInputError(
+            f"fit_classifier: expected (N, F) features and (N,) labels, got {tuple(features.shape)} and {tuple(easy.shape)}"
+        )
+    if features.shape[0] < 2:
+        raise InvalidInputError(f"fit_classifier: needs at least 2 twin samples, got {features.shape[0]}")
+    device, n = features.device, features.shape[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        clf = EasyHardMLP(features.shape[1], config.hidden, 1 if config.loss == "bce" else 2, config.members)
+    clf = clf.to(device)
+    clf.mean.copy_(features.mean(dim=0))
+    clf.std.copy_(features.std(dim=0).clamp_min(1e-6))
+    optimiser = torch.optim.SGD(clf.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    gens = [generator(config.seed * 1000 + member) for member in range(config.members)]
+    easy = easy.to(device)
+    clf.train()
+    for _ in range(config.epochs):
+        orders = torch.stack([torch.randperm(n, generator=gen) for gen in gens]).to(device)  # (E, N)
+        for start in range(0, n, config.batch_size):
+            rows = orders[:, start:start + config.batch_size]  # (E, B)
+            loss = _loss(clf.member_logits(features[rows]), easy[rows])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    clf.eval()
+    return clf
+
+
+def predict_easy(clf: EasyHardMLP, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(N,) bool: the classifier's easy probability is at least ``threshold``."""
+    with torch.inference_mode():
+        return clf.easy_probability(features.to(clf.mean.device)) >= threshold
+
+
+def label_accuracy(predicted_easy: torch.Tensor, true_easy: torch.Tensor) -> float:
+    """ACC_gl in percent: how often the predicted generalisation label equals the true one."""
+    if predicted_easy.shape != true_easy.shape or predicted_easy.numel() == 0:
+        raise InvalidInputError(
+            f"label_accuracy: expected two equal non-empty shapes, got {tuple(predicted_easy.shape)} and {tuple(true_easy.shape)}"
+        )
+    return 100.0 * (predicted_easy.bool().cpu() == true_easy.bool().cpu()).float().mean().item()

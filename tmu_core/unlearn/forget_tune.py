@@ -1,0 +1,254 @@
+"""TMU's unlearning fine-tune (paper Eq. 2 and Eq. 3) with a bounded hard-sample objective and a stopping rule.
+
+Each step lowers the model's accuracy on the predicted-hard forget samples and keeps it on the predicted-easy
+ones:
+
+    loss = hard_term(clean hard samples) + easy_weight * CE(easy samples + Gaussian noise)
+           [+ retain_weight * CE(a batch of retained samples)]
+
+``noise_std = 0`` is the naive Eq. 2; ``noise_std > 0`` is Eq. 3. The noise std is in units of 1/255 of the
+pixel range (so the paper's levels 0, 1, 3, 5, 10 read as 0..10/255 on [0, 1] inputs), added to the [0, 1]
+inputs without clamping.
+
+The paper's hard term maximises cross-entropy without limit, which runs away (the model collapses for the
+whole class). Two bounded terms are offered instead:
+
+- ``"margin"``: ``relu(z_y - max_{j != y} z_j + margin)``, zero once the true class trails the best other
+  class by ``margin`` logits;
+- ``"ce_clamp"``: ``-min(CE, ascent_cap)``, the paper's ascent with no gradient once the loss reaches the cap.
+
+Stopping rule: stop as soon as every predicted-hard sample is misclassified and no predicted-easy sample that
+was correct at the start has become wrong (``"aligned"``), or after ``max_steps`` (``"max_steps"``).
+By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
+the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
+have the scale of ordinary training) and still leaves the running statistics unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tmu_core.device import generator
+from tmu_core.unlearn.base import check_choice, check_range
+from tmu_core.unlearn.common import as_input, correct_of, eval_mode, sgd
+
+logger = logging.getLogger(__name__)
+
+HARD_OBJECTIVES = ("margin", "ce_clamp")
+OPTIMIZERS = ("sgd", "adam")
+BN_MODES = ("frozen", "batch")
+RETAIN_LOSSES = ("ce", "kl")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of the unlearning fine-tune.
+
+    Attributes:
+        lr: SGD learning rate (momentum 0.9, weight decay 5e-4).
+        max_steps: most optimiser steps.
+        min_steps: steps to run before the stopping rule may end the run.
+        hard_objective: ``"margin"`` or ``"ce_clamp"`` (see the module docstring).
+        margin: logit margin of the ``"margin"`` objective.
+        ascent_cap: loss cap of the ``"ce_clamp"`` objective.
+        easy_weight: weight of the predicted-easy term.
+        noise_std: Gaussian noise std on the predicted-easy inputs, in units of 1/255 (0 = Eq. 2).
+        retain_weight: weight of a term on retained samples (0 = the paper's objective).
+        retain_loss: ``"ce"`` (cross-entropy with the labels) or ``"kl"`` (KL divergence from the original
+            model's outputs, which keeps the function on D_r where it was).
+        retain_batch: retained samples per step when ``retain_weight > 0``.
+        batch_size: most forget samples per step (all of them when fewer).
+        optimizer: ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adam"``.
+        bn: ``"frozen"``: the model runs in eval mode (running batch-norm statistics);
+            ``"batch"``: train mode, normalising with the step's batch, running statistics left unchanged.
+        seed: noise and batch sampling.
+    """
+
+    lr: float = 1e-3
+    max_steps: int = 30
+    min_steps: int = 0
+    hard_objective: str = "margin"
+    margin: float = 1.0
+    ascent_cap: float = 4.0
+    easy_weight: float = 1.0
+    noise_std: float = 8.0
+    retain_weight: float = 5.0
+    retain_loss: str = "kl"
+    retain_batch: int = 64
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    bn: str = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = "TuneConfig"
+        check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(owner, "bn", self.bn, BN_MODES)
+        check_choice(owner, "retain_loss", self.retain_loss, RETAIN_LOSSES)
+        check_range(owner, "lr", self.lr, 0.0, low_open=True)
+        check_range(owner, "max_steps", self.max_steps, 1)
+        check_range(owner, "min_steps", self.min_steps, 0, self.max_steps)
+        check_choice(owner, "hard_objective", self.hard_objective, HARD_OBJECTIVES)
+        check_range(owner, "margin", self.margin, 0.0)
+        check_range(owner, "ascent_cap", self.ascent_cap, 0.0, low_open=True)
+        check_range(owner, "easy_weight", self.easy_weight, 0.0)
+        check_range(owner, "noise_std", self.noise_std, 0.0, 255.0)
+        check_range(owner, "retain_weight", self.retain_weight, 0.0)
+        check_range(owner, "retain_batch", self.retain_batch, 1)
+        check_range(owner, "batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class TuneSet:
+    """uint8 images (N, C, H, W) and labels (N,) of one group of samples (may be empty)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What the fine-tune did: steps taken, why it stopped, accuracies (percent) before and after."""
+
+    steps: int
+    stop_reason: str
+    hard_accuracy_before: float
+    hard_accuracy_after: float
+    easy_accuracy_before: float
+    easy_accuracy_after: float
+    seconds: float
+
+
+def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
+    """The bounded hard-sample term (mean over the batch; lower = further from the true class)."""
+    if config.hard_objective == "margin":
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+        return F.relu(true - others + config.margin).mean()
+    return -F.cross_entropy(logits, labels, reduction="none").clamp(max=config.ascent_cap).mean()
+
+
+def _accuracy(correct: torch.Tensor) -> float:
+    return 100.0 * correct.float().mean().item() if correct.numel() else 0.0
+
+
+def _pick(part: TuneSet, count: int, gen: torch.Generator) -> TuneSet:
+    if count <= 0:
+        return TuneSet(part.images[:0], part.labels[:0])
+    if count >= part.size:
+        return part
+    rows = torch.randperm(part.size, generator=gen)[:count]
+    return TuneSet(part.images[rows], part.labels[rows])
+
+
+def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, config: TuneConfig,
+                 device: torch.device) -> torch.Tensor:
+    if config.retain_loss == "ce" or anchor is None:
+        return F.cross_entropy(logits, part.labels.to(device))
+    with torch.no_grad(), eval_mode(anchor):
+        target = F.softmax(anchor(as_input(part.images, device)), dim=1)
+    return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+
+
+def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
+               config: TuneConfig, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One step's objective; every group goes through the model in one batch (so batch statistics mix them)."""
+    share = config.batch_size / max(1, hard.size + easy.size)
+    hard_b = _pick(hard, max(1, round(hard.size * share)), gen)
+    easy_b = _pick(easy, max(1, round(easy.size * share)), gen) if config.easy_weight > 0 else _pick(easy, 0, gen)
+    use_retain = retain is not None and retain.size > 0 and config.retain_weight > 0
+    retain_b = _pick(retain, config.retain_batch, gen) if use_retain else TuneSet(hard.images[:0], hard.labels[:0])
+    easy_x = as_input(easy_b.images, device)
+    if config.noise_std > 0 and easy_b.size:
+        easy_x = easy_x + (config.noise_std / 255.0) * torch.randn(easy_x.shape, generator=gen).to(device)
+    logits = model(torch.cat([as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device)]))
+    hard_logits, easy_logits, retain_logits = logits.split([hard_b.size, easy_b.size, retain_b.size])
+    loss = torch.zeros((), device=device)
+    if hard_b.size:
+        loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
+    if easy_b.size:
+        loss = loss + config.easy_weight * F.cross_entropy(easy_logits, easy_b.labels.to(device))
+    if retain_b.size:
+        loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
+    return loss
+
+
+def _state(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Tensor:
+    if not part.size:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return correct_of(model, part.images, part.labels, device)
+
+
+@contextlib.contextmanager
+def _bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Eval mode (``frozen``) or train mode with running batch-norm statistics kept as they are (``batch``)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    model.train(mode == "batch")
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.eval()
+
+
+def _optimiser(model: nn.Module, config: TuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return sgd(model, config.lr)
+
+
+def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
+                    config: TuneConfig, device: torch.device, anchor: nn.Module | None = None) -> TuneResult:
+    """Fine-tune ``model`` in place so that predicted-hard samples are misclassified and easy ones kept.
+
+    Args:
+        model: the model to change (a copy of M_o), on ``device``.
+        hard: predicted-hard forget samples.
+        easy: predicted-easy forget samples.
+        retain: retained samples for the optional retain term (None or empty: no retain term).
+        config: objective, noise, steps and stopping settings.
+        device: where to compute.
+        anchor: the original model (eval mode, not trained) for ``retain_loss="kl"``.
+
+    Returns:
+        Steps, stop reason and accuracies before and after; the model ends in eval mode.
+    """
+    started = time.perf_counter()
+    gen, optimiser = generator(config.seed), _optimiser(model, config)
+    easy_start = _state(model, easy, device)
+    hard_now, easy_now = _state(model, hard, device), easy_start
+    hard_before = _accuracy(hard_now)
+    steps, reason = 0, "max_steps"
+    while True:
+        kept = bool((easy_now | ~easy_start).all())
+        if steps >= config.min_steps and not bool(hard_now.any()) and kept:
+            reason = "aligned"
+            break
+        if steps >= config.max_steps:
+            break
+        with _bn_mode(model, config.bn):
+            loss = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        steps += 1
+        hard_now, easy_now = _state(model, hard, device), _state(model, easy, device)
+    logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
+    return TuneResult(steps, reason, hard_before, _accuracy(hard_now), _accuracy(easy_start),
+                      _accuracy(easy_now), time.perf_counter() - started)

@@ -1,0 +1,173 @@
+"""Twin Machine Unlearning (TMU): the registered ``tmu`` method.
+
+``prepare()`` builds (or reloads) the per-model-version state of :mod:`tmu_core.unlearn.prepared`.
+A forget request then only computes D_f's own features (DF against the prepared retained features with D_f's
+rows left out, AF under M_o, CF under the prepared curriculum model), predicts easy/hard with the prepared
+classifier and runs the bounded fine-tune of :mod:`tmu_core.unlearn.forget_tune`. With
+``cf_per_request=True`` the curriculum model is retrained on D_f + D_test + a part of D_r, as in the paper,
+and the classifier is refitted on the twin problem with the new CF column.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tmu_core.errors import CheckpointError, InvalidInputError
+from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, register_method
+from tmu_core.unlearn.common import copy_model, features_of, fresh_model, subset_rows
+from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy
+from tmu_core.unlearn.features import assemble, curriculum_feature
+from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune
+from tmu_core.unlearn.options import TmuOptions
+from tmu_core.unlearn.prepared import PreparedTmu, load_prepared, save_prepared, stored_key
+from tmu_core.unlearn.twin import (build_prepared, fit_twin_classifier, prepare_key, problem_columns,
+                                   train_cf_model)
+
+logger = logging.getLogger(__name__)
+
+
+@register_method("tmu")
+class TmuMethod(UnlearnMethod):
+    """Twin Machine Unlearning with prepared per-version state (see the module docstring)."""
+
+    options_type = TmuOptions
+
+    def __init__(self, options: TmuOptions | None = None) -> None:
+        super().__init__(options)
+        self._memory: PreparedTmu | None = None
+        self.builds = 0  # how many times this instance built prepared state from scratch
+
+    def prepare(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
+                workdir: Path | None = None) -> None:
+        """Build TMU's per-model-version state, or reuse it from memory or ``workdir`` when it matches."""
+        self._ensure_prepared(model, meta, data, device, workdir)
+
+    def _ensure_prepared(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
+                         workdir: Path | None) -> tuple[PreparedTmu, str]:
+        if not data.twin_ids:
+            raise InvalidInputError("tmu needs twin_ids (held-out samples never trained on) for its twin problem")
+        key = prepare_key(model, data, self.options)
+        if self._memory is not None and self._memory.key == key:
+            return self._memory, "memory"
+        if workdir is not None and stored_key(workdir) == key:
+            try:
+                self._memory = load_prepared(workdir)
+                return self._memory, "disk"
+            except CheckpointError as err:
+                logger.warning("rebuilding TMU prepared state: %s", err)
+        self._memory = build_prepared(model, meta, data, self.options, device, key)
+        self.builds += 1
+        if workdir is not None:
+            save_prepared(self._memory, workdir)
+        return self._memory, "built"
+
+    def unlearn(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
+                workdir: Path | None = None) -> UnlearnOutcome:
+        """Forget ``data.forget_ids``: predict easy/hard, then fine-tune a copy of ``model``."""
+        started = time.perf_counter()
+        if not data.forget_ids:
+            raise InvalidInputError("tmu: forget_ids is empty; name at least one sample to forget")
+        if not data.retain_ids:
+            raise InvalidInputError("tmu: retain_ids is empty; the distance feature needs retained samples")
+        model = model.to(device)
+        prepared, source = self._ensure_prepared(model, meta, data, device, workdir)
+        timings = {"prepare": time.perf_counter() - started}
+
+        mark = time.perf_counter()
+        forget_images, forget_labels = data.tensors("forget")
+        clf, columns, cf_info = self._request_features(model, meta, data, prepared, device)
+        predicted = predict_easy(clf, assemble(columns, self.options.features, self.options.log_losses))
+        timings["features_and_classifier"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        unlearned = copy_model(model, device)
+        easy_rows, hard_rows = predicted.nonzero().squeeze(1).cpu(), (~predicted).nonzero().squeeze(1).cpu()
+        hard = TuneSet(forget_images[hard_rows], forget_labels[hard_rows])
+        easy = TuneSet(forget_images[easy_rows], forget_labels[easy_rows])
+        tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
+                                anchor=model)
+        timings["fine_tune"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - started
+
+        hard_ids = [data.forget_ids[i] for i in hard_rows.tolist()]
+        details = {
+            "prepared": source, "predicted_hard": len(hard_ids), "predicted_easy": int(easy_rows.numel()),
+            "features": list(self.options.features), "cf_per_request": self.options.cf_per_request,
+            "steps": tuned.steps, "stop_reason": tuned.stop_reason, "tune": asdict(tuned),
+            "timings": timings, "prepared_info": prepared.info, **cf_info,
+        }
+        logger.info("tmu: %d forget samples, %d predicted hard, %d steps (%s), %.2fs", len(data.forget_ids),
+                    len(hard_ids), tuned.steps, tuned.stop_reason, timings["total"])
+        return UnlearnOutcome(model=unlearned, details=details, seconds=timings["total"], predicted_hard_ids=hard_ids)
+
+    def _request_features(self, model: nn.Module, meta: Any, data: UnlearnData, prepared: PreparedTmu,
+                          device: torch.device) -> tuple[EasyHardMLP, dict[str, torch.Tensor], dict[str, Any]]:
+        """D_f's feature columns under M_o, and the classifier to apply (refitted when ``cf_per_request``)."""
+        forget_images, forget_labels = data.tensors("forget")
+        forget_feats = self._original_features(model, data, data.forget_ids, prepared, device)
+        retain_feats = self._original_features(model, data, data.retain_ids, prepared, device)
+        retain_labels = self._labels_of(data, data.retain_ids, prepared)
+        prior = prepared.class_rates[forget_labels.cpu().clamp(max=prepared.class_rates.numel() - 1)]
+        if not self.options.cf_per_request:
+            cf_model = self._cf_model(prepared, model, meta, device)
+            columns = problem_columns(model, forget_images, forget_labels, forget_feats, retain_feats, retain_labels,
+                                      cf_model, self.options, device)
+            return prepared.classifier, {**columns, "prior": prior}, {"cf_model": "prepared"}
+        mark = time.perf_counter()
+        cf_model = self._request_cf_model(model, meta, data, device)
+        columns = problem_columns(model, forget_images, forget_labels, forget_feats, retain_feats, retain_labels,
+                                  cf_model, self.options, device)
+        columns["prior"] = prior
+        twin_columns = dict(prepared.twin_columns)
+        if "cf" in self.options.features:
+            twin_images, twin_labels = data.tensors("twin")
+            twin_columns["cf"] = curriculum_feature(cf_model, twin_images, twin_labels, device).cpu()
+        clf = fit_twin_classifier(twin_columns, prepared.twin_easy, self.options, device)
+        return clf, columns, {"cf_model": "per_request", "cf_seconds": time.perf_counter() - mark}
+
+    def _original_features(self, model: nn.Module, data: UnlearnData, ids: tuple[str, ...], prepared: PreparedTmu,
+                           device: torch.device) -> torch.Tensor:
+        """M_o's penultimate features of ``ids``: from the prepared store, computing any it lacks."""
+        rows, missing = prepared.rows_of(ids)
+        if not missing:
+            return prepared.train_features[rows]
+        logger.info("tmu: computing penultimate features of %d samples not in the prepared state", len(missing))
+        images, _ = data.load(ids)
+        return features_of(model, images, device).cpu()
+
+    @staticmethod
+    def _labels_of(data: UnlearnData, ids: tuple[str, ...], prepared: PreparedTmu) -> torch.Tensor:
+        rows, missing = prepared.rows_of(ids)
+        return prepared.train_labels[rows] if not missing else data.load(ids)[1]
+
+    def _cf_model(self, prepared: PreparedTmu, model: nn.Module, meta: Any, device: torch.device) -> nn.Module:
+        cf_model = fresh_model(model, meta, self.options.seed + 2, device)
+        cf_model.load_state_dict(prepared.cf_state, strict=True)
+        return cf_model.eval()
+
+    def _request_cf_model(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device) -> nn.Module:
+        """The paper's curriculum model: trained on D_f + D_test + ``cf_subset`` of D_r."""
+        forget_images, forget_labels = data.tensors("forget")
+        twin_images, twin_labels = data.tensors("twin")
+        retain_images, retain_labels = data.tensors("retain")
+        rows = subset_rows(len(data.retain_ids), self.options.cf_subset, self.options.seed + 6)
+        images = torch.cat([forget_images, twin_images, retain_images[rows]])
+        labels = torch.cat([forget_labels, twin_labels, retain_labels[rows]])
+        return train_cf_model(model, meta, images, labels, self.options, device)
+
+    def _retain_set(self, data: UnlearnData) -> TuneSet | None:
+        """A random sample of D_r big enough for every step's retain batch (None without a retain term)."""
+        opts = self.options
+        if opts.retain_weight <= 0:
+            return None
+        count = min(len(data.retain_ids), opts.retain_batch * opts.max_steps)
+        rows = subset_rows(len(data.retain_ids), count / len(data.retain_ids), opts.seed + 7)
+        images, labels = data.load([data.retain_ids[i] for i in rows.tolist()])
+        return TuneSet(images, labels)

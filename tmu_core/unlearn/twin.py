@@ -1,0 +1,174 @@
+"""TMU's twin problem (paper section 3.1) and the feature columns of either problem.
+
+Twin problem: M_t = M_o fine-tuned on D_test. For M_t, "forget D_test" has a known gold model, M_o, so
+M_o's correctness on D_test labels each twin sample easy (1) or hard (0). The twin problem's features of
+D_test are computed with M_t as "the original model" and D_r + D_f as the retained set; the real problem's
+features of D_f with M_o and D_r.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from tmu_core.unlearn.base import UnlearnData
+from tmu_core.unlearn.common import (copy_model, correct_of, features_of, fresh_model, model_hash, subset_rows,
+                                     train_epochs)
+from tmu_core.unlearn.easy_hard import EasyHardMLP, fit_classifier
+from tmu_core.unlearn.features import (adversarial_feature, assemble, class_prior, curriculum_feature,
+                                       distance_feature)
+from tmu_core.unlearn.options import TmuOptions
+from tmu_core.unlearn.prepared import PreparedTmu
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_key(model: nn.Module, data: UnlearnData, options: TmuOptions) -> str:
+    """Identifies a prepared state: the model's weights, the preparation options, training and twin ids."""
+    digest = hashlib.sha256()
+    for part in (model_hash(model), options.prepare_key(), "\n".join(data.training_ids), "\n".join(data.twin_ids)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def training_tensors(data: UnlearnData) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+    """D_r + D_f ids, uint8 images and labels (retain rows first, then forget rows)."""
+    images, labels = data.tensors("retain")
+    ids = data.retain_ids
+    if data.forget_ids:
+        f_images, f_labels = data.tensors("forget")
+        images, labels, ids = torch.cat([images, f_images]), torch.cat([labels, f_labels]), ids + data.forget_ids
+    return ids, images, labels
+
+
+def problem_columns(original: nn.Module, images: torch.Tensor, labels: torch.Tensor, query_feats: torch.Tensor,
+                    reference_feats: torch.Tensor, reference_labels: torch.Tensor, cf_model: nn.Module,
+                    options: TmuOptions, device: torch.device) -> dict[str, torch.Tensor]:
+    """DF, AF and CF (only the kinds in ``options.features``) of one problem's samples, on the CPU.
+
+    Args:
+        original: the problem's "original model" (M_o, or M_t for the twin problem).
+        images, labels: the samples to describe (D_f, or D_test).
+        query_feats: (N, D) their penultimate features under ``original``.
+        reference_feats, reference_labels: the problem's retained set under ``original``.
+        cf_model: the curriculum model.
+        options: feature settings.
+        device: where to compute.
+    """
+    columns: dict[str, torch.Tensor] = {}
+    if "df" in options.features:
+        columns["df"] = distance_feature(query_feats.to(device), labels, reference_feats.to(device), reference_labels,
+                                         options.df_top_n, options.df_same_class, options.df_normalise).cpu()
+    if "af" in options.features:
+        columns["af"] = adversarial_feature(original, images, labels, device, options.af_eps, options.af_steps,
+                                            options.af_step).cpu()
+    if "cf" in options.features:
+        columns["cf"] = curriculum_feature(cf_model, images, labels, device).cpu()
+    return columns
+
+
+def train_cf_model(model: nn.Module, meta: Any, images: torch.Tensor, labels: torch.Tensor, options: TmuOptions,
+                   device: torch.device) -> nn.Module:
+    """A fresh network of M_o's architecture trained ``cf_epochs`` epochs on the given samples."""
+    cf_model = fresh_model(model, meta, options.seed + 2, device)
+    train_epochs(cf_model, images, labels, epochs=options.cf_epochs, lr=options.cf_lr, batch_size=options.cf_batch,
+                 seed=options.seed + 3, device=device)
+    return cf_model
+
+
+def make_twin_model(model: nn.Module, twin_images: torch.Tensor, twin_labels: torch.Tensor, options: TmuOptions,
+                    target: float, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """M_t: a copy of M_o fine-tuned on D_test until it fits D_test as well as ``target`` (or ``twin_epochs``).
+
+    ``target`` is a fraction; matching M_o's own fit of its training set keeps D_test under M_t as
+    "memorised" as D_f is under M_o, so features of the two problems are comparable.
+    """
+    twin = copy_model(model, device)
+
+    def fitted() -> bool:
+        return correct_of(twin, twin_images, twin_labels, device).float().mean().item() >= target
+
+    fit = train_epochs(twin, twin_images, twin_labels, epochs=options.twin_epochs, lr=options.twin_lr,
+                       batch_size=options.twin_batch, seed=options.seed + 1, device=device, until=fitted)
+    fit["fit_accuracy"] = 100.0 * correct_of(twin, twin_images, twin_labels, device).float().mean().item()
+    fit["target_accuracy"] = 100.0 * target
+    return twin, fit
+
+
+def original_fit(model: nn.Module, train_feats: torch.Tensor, train_labels: torch.Tensor) -> float:
+    """M_o's accuracy (fraction) on its training set, from its penultimate features and ``model.head``."""
+    with torch.inference_mode():
+        logits = model.head(train_feats)
+    return (logits.argmax(dim=1).cpu() == train_labels.cpu()).float().mean().item()
+
+
+def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuOptions, device: torch.device,
+                   key: str) -> PreparedTmu:
+    """Build TMU's per-model-version state (twin model, CF model, features, classifier).
+
+    Args:
+        model: M_o (left unchanged).
+        meta: its checkpoint metadata (to build the CF model's architecture).
+        data: the training samples (retain + forget) and the twin ids.
+        options: TMU options.
+        device: where to compute.
+        key: the :func:`prepare_key` to store.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    train_ids, train_images, train_labels = training_tensors(data)
+    twin_images, twin_labels = data.tensors("twin")
+    train_feats = features_of(model, train_images, device)
+    twin_easy = correct_of(model, twin_images, twin_labels, device).cpu()
+    num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
+    class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
+    timings["original_features"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    target = options.twin_target_accuracy
+    if target is None:
+        target = original_fit(model, train_feats, train_labels)
+    twin_model, twin_fit = make_twin_model(model, twin_images, twin_labels, options, target, device)
+    timings["twin_model"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    rows = subset_rows(len(train_ids), options.cf_subset, options.seed + 6)
+    cf_images, cf_labels = torch.cat([twin_images, train_images[rows]]), torch.cat([twin_labels, train_labels[rows]])
+    cf_model = train_cf_model(model, meta, cf_images, cf_labels, options, device)
+    cf_ids = data.twin_ids + tuple(train_ids[i] for i in rows.tolist())
+    timings["cf_model"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    twin_train_feats = features_of(twin_model, train_images, device)
+    columns = problem_columns(twin_model, twin_images, twin_labels, features_of(twin_model, twin_images, device),
+                              twin_train_feats, train_labels, cf_model, options, device)
+    if "prior" in options.features:
+        columns["prior"] = twin_prior
+    timings["twin_features"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    clf = fit_twin_classifier(columns, twin_easy, options, device)
+    timings["classifier"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+    info = {"timings": timings, "twin_fit": twin_fit, "twin_easy_rate": 100.0 * twin_easy.float().mean().item(),
+            "twin_size": len(data.twin_ids), "train_size": len(train_ids), "cf_size": len(cf_ids)}
+    logger.info("prepared TMU: twin fit %.1f%% in %d epochs, easy rate %.1f%%, %.1fs", twin_fit["fit_accuracy"],
+                twin_fit["epochs"], info["twin_easy_rate"], timings["total"])
+    return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
+                       twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=class_rates,
+                       twin_state={k: v.detach().cpu() for k, v in twin_model.state_dict().items()},
+                       cf_state={k: v.detach().cpu() for k, v in cf_model.state_dict().items()},
+                       cf_ids=cf_ids, classifier=clf, info=info)
+
+
+def fit_twin_classifier(columns: dict[str, torch.Tensor], twin_easy: torch.Tensor, options: TmuOptions,
+                        device: torch.device) -> EasyHardMLP:
+    """The easy/hard MLP fitted on the twin problem's features; returned on the CPU."""
+    features = assemble(columns, options.features, options.log_losses).to(device)
+    return fit_classifier(features, twin_easy.to(device), options.classifier_config()).cpu()
