@@ -5,7 +5,6 @@ Images are uint8 (N, C, H, W) on any device; models take floats in [0, 1] and no
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import logging
@@ -17,24 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmu_core.device import generator
+from tmu_core.train.loops import eval_mode, to_float
 
 logger = logging.getLogger(__name__)
 
 
-def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float (N, C, H, W) in [0, 1] on ``device``."""
-    return images.to(device).float().div_(255.0)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a block with the model in eval mode, restoring its former mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+# Shared with the trainer: uint8 -> [0, 1] floats on a device, and a mode-restoring eval block.
+as_input = to_float
 
 
 def batched(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
