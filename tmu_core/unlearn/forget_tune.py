@@ -163,18 +163,28 @@ def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, 
 
 
 def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-               config: TuneConfig, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One step's objective; every group goes through the model in one batch (so batch statistics mix them)."""
+               config: TuneConfig, gen: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One step's objective, and when it comes for free the current correctness of every hard and easy sample.
+
+    Every group goes through the model in one batch (so batch statistics, in ``bn="batch"``, mix them). In
+    eval mode with all hard samples in the batch, the clean easy images ride along, so the stopping rule needs
+    no forward pass of its own.
+    """
     share = config.batch_size / max(1, hard.size + easy.size)
     hard_b = _pick(hard, max(1, round(hard.size * share)), gen)
     easy_b = _pick(easy, max(1, round(easy.size * share)), gen) if config.easy_weight > 0 else _pick(easy, 0, gen)
     use_retain = retain is not None and retain.size > 0 and config.retain_weight > 0
-    retain_b = _pick(retain, config.retain_batch, gen) if use_retain else TuneSet(hard.images[:0], hard.labels[:0])
+    retain_b = _pick(retain, config.retain_batch, gen) if use_retain else _pick(hard, 0, gen)
+    check = config.bn == "frozen" and hard_b.size == hard.size
+    clean_easy = easy if check else _pick(easy, 0, gen)
     easy_x = as_input(easy_b.images, device)
     if config.noise_std > 0 and easy_b.size:
         easy_x = easy_x + (config.noise_std / 255.0) * torch.randn(easy_x.shape, generator=gen).to(device)
-    logits = model(torch.cat([as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device)]))
-    hard_logits, easy_logits, retain_logits = logits.split([hard_b.size, easy_b.size, retain_b.size])
+    groups = (as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device),
+              as_input(clean_easy.images, device))
+    hard_logits, easy_logits, retain_logits, clean_logits = model(torch.cat(groups)).split(
+        [hard_b.size, easy_b.size, retain_b.size, clean_easy.size])
     loss = torch.zeros((), device=device)
     if hard_b.size:
         loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
@@ -182,13 +192,22 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
         loss = loss + config.easy_weight * F.cross_entropy(easy_logits, easy_b.labels.to(device))
     if retain_b.size:
         loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
-    return loss
+    if not check:
+        return loss, None
+    state = (hard_logits.detach().argmax(1) == hard.labels.to(device),
+             clean_logits.detach().argmax(1) == easy.labels.to(device))
+    return loss, state
 
 
-def _state(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Tensor:
+def _correct(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Tensor:
     if not part.size:
         return torch.zeros(0, dtype=torch.bool, device=device)
     return correct_of(model, part.images, part.labels, device)
+
+
+def _state(model: nn.Module, hard: TuneSet, easy: TuneSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which hard and which easy samples the model (eval mode) classifies correctly."""
+    return _correct(model, hard, device), _correct(model, easy, device)
 
 
 @contextlib.contextmanager
@@ -231,11 +250,14 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     """
     started = time.perf_counter()
     gen, optimiser = generator(config.seed), _optimiser(model, config)
-    easy_start = _state(model, easy, device)
-    hard_now, easy_now = _state(model, hard, device), easy_start
-    hard_before = _accuracy(hard_now)
+    easy_start = hard_start = None
     steps, reason = 0, "max_steps"
     while True:
+        with _bn_mode(model, config.bn):
+            loss, state = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+        hard_now, easy_now = state if state is not None else _state(model, hard, easy, device)
+        if easy_start is None:
+            hard_start, easy_start = hard_now, easy_now
         kept = bool((easy_now | ~easy_start).all())
         if steps >= config.min_steps and not bool(hard_now.any()) and kept:
             reason = "aligned"
@@ -243,12 +265,10 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         if steps >= config.max_steps:
             break
         with _bn_mode(model, config.bn):
-            loss = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
         steps += 1
-        hard_now, easy_now = _state(model, hard, device), _state(model, easy, device)
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
-    return TuneResult(steps, reason, hard_before, _accuracy(hard_now), _accuracy(easy_start),
+    return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
                       _accuracy(easy_now), time.perf_counter() - started)
