@@ -1,14 +1,16 @@
 """Tune TMU against cached original and gold models on the ``cpu-small`` protocol.
 
 Stage 1 (``train``) builds the protocol's index and trains, once, the original model and the gold model of
-each forget class (plus optional second-seed "floor" golds), caching them with the evaluation harness's own
-cache (same keys as ``tmu-admin evaluate``) under ``--cache`` (default /tmp/tmu-tune/cache).
+each forget class (plus, with ``--floor``, the second-seed "floor" golds) with the protocol's own recipe,
+caching them with the evaluation harness's cache code (same keys as ``tmu-admin evaluate``) under ``--cache``
+(default /tmp/tmu-tune/cache); checkpoints from a harness cache can be copied in and are reused.
 
-Stage 2 (``run``) runs unlearning variants against the cached models and prints, per variant, the mean over
-the forget classes of Delta, ACC_Dtest, ASR (and gold's), ACC_gl, predicted-easy rate and request seconds.
+Stage 2 (``run``) runs unlearning variants against the cached models and prints one JSON row per variant
+and class, then the mean over the forget classes of Delta, ACC_Df, ACC_Dtest (and gold's), ASR (and gold's),
+ACC_gl, the predicted-easy rate and the request seconds.
 
-    python scripts/tune_tmu.py train [--floor]
-    python scripts/tune_tmu.py run --variant 'tmu' --variant 'tmu:noise_std=0' --variant 'finetune'
+    python scripts/tune_tmu.py train [--floor] [--classes 3 8 1]
+    python scripts/tune_tmu.py run --persist --variant tmu --variant 'tmu:noise_std=0' --variant finetune
 
 A variant is ``method[:key=value,key=value]``; values are parsed as JSON when they can be
 (``features=["df","cf"]``), else kept as strings.
@@ -75,9 +77,19 @@ def stage_train(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,key=value``; commas inside [...] belong to the value."""
     name, _, rest = text.partition(":")
+    items, depth, current = [], 0, ""
+    for char in rest:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char in ",;" and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
     options = {}
-    for item in filter(None, rest.split(";") if ";" in rest else rest.split(",")):
+    for item in filter(None, (i.strip() for i in items)):
         key, _, value = item.partition("=")
         try:
             options[key.strip()] = json.loads(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tmu_core.evaluate.report import format_row
@@ -39,3 +41,26 @@ def test_format_row_shows_a_dash_for_missing_values():
     assert line.startswith("finetune ")
     assert "100.0" in line and "14.0" in line
     assert line.split()[-2:] == ["2.0", "-"]
+
+
+def test_nan_outputs_are_flagged_and_written_as_json_null(tmp_path):
+    import json
+
+    import torch
+
+    from tmu_core.evaluate.report import write_json
+    from tmu_core.evaluate.results import ProtocolResult, SplitSummary
+    from tmu_core.evaluate.scoring import EvalTensors, Outputs, make_forget_set, score
+
+    tensors = EvalTensors(("a", "b", "c"), ("x", "y"), torch.tensor([0, 1, 0]), torch.tensor([1, 0]))
+    forget_set = make_forget_set(tensors, seed=0, forget_class=0, class_name="c0", forget_ids=("a",))
+    assert forget_set.retain_ids == ("b", "c")
+    outputs = Outputs(torch.full((3, 2), float("nan")), torch.zeros(2, 2))
+    scores = score(outputs, tensors, forget_set, alpha=0.5)
+    assert scores.details["non_finite_outputs"] == 3
+    row = replace(_row("tmu", 0, 0.0, 1.0, None), ad=float("nan"))
+    result = ProtocolResult(protocol={"name": "t"}, device="cpu", splits=SplitSummary(3, 0, 2, 1), originals=(),
+                            rows=(row,), means=mean_rows([row]), wall_seconds=1.0)
+    write_json(result, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["rows"][0]["ad"] is None and data["means"][0]["ad"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,9 +11,9 @@ from torch import nn
 from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError, UnknownIdsError
 from tmu_core.unlearn import TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods, register_method
-from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy
-from tmu_core.unlearn.features import adversarial_feature, assemble, distance_feature
-from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, forget_finetune, hard_loss
+from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy, select_easy
+from tmu_core.unlearn.features import adversarial_feature, assemble, class_prior, distance_feature
+from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, forget_finetune, hard_loss, logit_margin
 
 DEVICE = torch.device("cpu")
 
@@ -91,6 +93,11 @@ def test_unknown_option_lists_the_valid_ones():
         ("tmu", {"clf_loss": "mse"}, "clf_loss must be one of 'bce', 'ce'"),
         ("tmu", {"cf_subset": 1.5}, "cf_subset must be >= 0.0 and <= 1.0"),
         ("tmu", {"max_steps": 0}, "max_steps must be >= 1"),
+        ("tmu", {"clf_members": 0}, "members must be >= 1"),
+        ("tmu", {"easy_rule": "median"}, "easy_rule must be one of 'threshold', 'expected'"),
+        ("tmu", {"optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam'"),
+        ("tmu", {"retain_loss": "mse"}, "retain_loss must be one of 'ce', 'kl'"),
+        ("tmu", {"twin_target_accuracy": 1.5}, "twin_target_accuracy must be >= 0.0 and <= 1.0"),
         ("finetune", {"epochs": 0}, "finetune: epochs must be >= 1"),
         ("neg_grad", {"lr": 0.0}, "neg_grad: lr must be > 0.0"),
         ("bad_teacher", {"retain_fraction": 2.0}, "retain_fraction must be >= 0.0 and <= 1.0"),
@@ -163,6 +170,16 @@ def test_assemble_orders_columns_and_logs_losses():
     torch.testing.assert_close(out[:, 0], torch.log(torch.full((3,), 2.0 + 1e-6)))
 
 
+def test_class_prior_is_the_class_easy_share_leaving_the_sample_out():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    easy = torch.tensor([1, 1, 1, 0, 0, 1, 1]).bool()
+    rates, loo = class_prior(labels, easy, num_classes=4)
+    torch.testing.assert_close(rates[:2], torch.tensor([0.75, 0.5]))
+    overall = easy.float().mean()
+    torch.testing.assert_close(rates[2:], overall.repeat(2))  # one sample, and none: the overall share
+    torch.testing.assert_close(loo, torch.tensor([2 / 3, 2 / 3, 2 / 3, 1.0, 1.0, 0.0, overall.item()]))
+
+
 # --- easy/hard classifier ------------------------------------------------------------------------------
 
 
@@ -176,6 +193,29 @@ def test_classifier_beats_chance_on_a_separable_split(loss):
     held_out = label_accuracy(predict_easy(clf, features[300:]), easy[300:])
     majority = 100.0 * max(easy[300:].float().mean().item(), 1 - easy[300:].float().mean().item())
     assert held_out > majority + 15
+
+
+def test_classifier_ensemble_averages_its_members():
+    gen = generator(5)
+    features, easy = torch.randn(60, 3, generator=gen), torch.rand(60, generator=gen) < 0.5
+    clf = fit_classifier(features, easy, ClassifierConfig(epochs=5, members=4))
+    per_member = torch.sigmoid(clf.member_logits(features)[..., 0])  # (E, N)
+    assert per_member.shape == (4, 60)
+    assert not torch.allclose(per_member[0], per_member[1])  # members differ
+    torch.testing.assert_close(clf.easy_probability(features), per_member.mean(dim=0))
+    again = fit_classifier(features, easy, ClassifierConfig(epochs=5, members=4))
+    torch.testing.assert_close(again.easy_probability(features), clf.easy_probability(features))
+
+
+def test_expected_rule_keeps_the_expected_easy_count_and_picks_the_most_probable():
+    probability = torch.tensor([0.7, 0.9, 0.6, 0.75, 0.65, 0.8, 0.7, 0.7, 0.55, 0.85])
+    assert select_easy(probability, "threshold").all()  # every sample clears 0.5
+    easy = select_easy(probability, "expected")
+    assert int(easy.sum()) == round(probability.sum().item()) == 7
+    assert probability[easy].min() >= probability[~easy].max()
+    assert not select_easy(torch.full((5,), 0.05), "expected").any()
+    with pytest.raises(InvalidInputError, match="rule must be one of 'threshold', 'expected'"):
+        select_easy(probability, "median")
 
 
 def test_classifier_rejects_bad_shapes():
@@ -219,7 +259,8 @@ def _two_blob_model() -> tuple[nn.Module, TuneSet, TuneSet]:
 @pytest.mark.parametrize("objective", ["margin", "ce_clamp"])
 def test_forget_finetune_misclassifies_hard_and_keeps_easy(objective):
     model, hard, easy = _two_blob_model()
-    cfg = TuneConfig(lr=0.05, max_steps=200, hard_objective=objective, noise_std=4.0)
+    cfg = TuneConfig(lr=0.05, max_steps=200, hard_objective=objective, noise_std=4.0, optimizer="sgd",
+                     retain_weight=0.0)
     result = forget_finetune(model, hard, easy, None, cfg, DEVICE)
     assert result.hard_accuracy_before == 100.0 and result.easy_accuracy_before == 100.0
     assert result.stop_reason == "aligned" and result.steps < 200
@@ -228,7 +269,27 @@ def test_forget_finetune_misclassifies_hard_and_keeps_easy(objective):
         assert bool((model(hard.images.float() / 255).argmax(1) != hard.labels).all())
 
 
+def test_easy_margin_targets_make_memorised_samples_less_confident_but_correct():
+    def margins(model, part):
+        with torch.no_grad():
+            return logit_margin(model(part.images.float() / 255), part.labels)
+
+    cfg = TuneConfig(lr=0.01, max_steps=40, min_steps=40, optimizer="adam", retain_weight=0.0)
+    plain, hard, easy = _two_blob_model()
+    no_hard = TuneSet(hard.images[:0], hard.labels[:0])
+    before = margins(plain, easy)
+    target = torch.full_like(before, 2.0)
+    assert bool((before > 5.0).all())  # memorised
+    targeted = copy.deepcopy(plain)
+    forget_finetune(plain, no_hard, easy, None, cfg, DEVICE)
+    result = forget_finetune(targeted, no_hard, TuneSet(easy.images, easy.labels, target), None, cfg, DEVICE)
+    assert result.steps == 40 and result.easy_accuracy_after == 100.0
+    after = margins(targeted, easy)
+    assert (after - target).abs().mean() < (before - target).abs().mean() / 2
+    assert after.mean() < margins(plain, easy).mean() / 2
+
+
 def test_forget_finetune_stops_at_max_steps():
     model, hard, easy = _two_blob_model()
-    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-6, max_steps=3), DEVICE)
+    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3), DEVICE)
     assert result.stop_reason == "max_steps" and result.steps == 3

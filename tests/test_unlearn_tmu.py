@@ -11,7 +11,7 @@ import torch
 from test_unlearn_support import make_problem, state_equal
 from tmu_core.errors import InvalidInputError
 from tmu_core.unlearn import get_method
-from tmu_core.unlearn.common import correct_of, model_hash
+from tmu_core.unlearn.common import correct_of, model_hash, on_device
 
 DEVICE = torch.device("cpu")
 FAST = {"twin_epochs": 6, "clf_epochs": 40, "max_steps": 15}
@@ -116,12 +116,28 @@ def test_cf_per_request_retrains_the_curriculum_model(prob):
     assert outcome.details["cf_model"] == "per_request" and outcome.details["cf_seconds"] > 0
 
 
-@pytest.mark.parametrize("features", [("df",), ("af",), ("cf",), ("df", "cf")])
+@pytest.mark.parametrize("features", [("df",), ("af",), ("cf",), ("df", "cf"), ("df", "af", "cf")])
 def test_feature_subsets_run(prob, features):
     data = prob.data(prob.forget_ids(1, 8))
     outcome = get_method("tmu", features=features, **{**FAST, "max_steps": 2}).unlearn(
         prob.model, prob.meta, data, DEVICE, None)
     assert outcome.details["features"] == list(features)
+
+
+def test_twin_variants_run_and_report_their_fit(prob):
+    data = prob.data(prob.forget_ids(2, 8))
+    outcome = get_method("tmu", twin_retain_mix=1.0, twin_target_accuracy=0.9, **{**FAST, "max_steps": 2}).unlearn(
+        prob.model, prob.meta, data, DEVICE, None)
+    fit = outcome.details["prepared_info"]["twin_fit"]
+    assert fit["target_accuracy"] == pytest.approx(90.0)
+    assert fit["fit_accuracy"] >= 90.0 or fit["epochs"] == FAST["twin_epochs"]
+
+
+def test_on_device_copies_instead_of_moving():
+    model = torch.nn.Linear(3, 2)
+    assert on_device(model, torch.device("cpu")) is model
+    moved = on_device(model, torch.device("meta"))  # any other device: a copy goes there, the input stays
+    assert moved is not model and moved.weight.device.type == "meta" and model.weight.device.type == "cpu"
 
 
 def test_tmu_input_errors(prob):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -85,9 +86,25 @@ def format_table(result: ProtocolResult) -> str:
     return "\n".join(lines)
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities become ``None`` (JSON has no literal for them); containers are walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(result: ProtocolResult, path: Path) -> None:
-    """Write the whole result (protocol, splits, originals, rows, means) as indented JSON."""
-    path.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    """Write the whole result (protocol, splits, originals, rows, means) as indented, strict JSON.
+
+    A metric that is not a finite number (for example the activation distance of a model whose logits
+    went NaN) is written as ``null``.
+    """
+    data = _finite(asdict(result))
+    path.write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_csv(result: ProtocolResult, path: Path) -> None:

@@ -6,6 +6,7 @@ over D_r + D_f and once over the eval split; D_f and D_r are row subsets of the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from tmu_core.evaluate.metrics import (
 )
 from tmu_core.evaluate.results import MethodResult
 from tmu_core.train import predict_logits
+
+logger = logging.getLogger(__name__)
 
 
 class MemorySource:
@@ -141,6 +144,11 @@ def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: 
     """
     forget_logits = outputs.train_logits[forget_set.forget_rows]
     forget_labels = tensors.train_labels[forget_set.forget_rows]
+    non_finite = int((~torch.isfinite(outputs.train_logits)).any(dim=1).sum()) + int(
+        (~torch.isfinite(outputs.eval_logits)).any(dim=1).sum())
+    if non_finite:
+        logger.warning("class=%d seed=%d: %d sample(s) got NaN or infinite logits; their metrics are not meaningful",
+                       forget_set.forget_class, forget_set.seed, non_finite)
     attack = loss_threshold_attack(
         sample_losses(forget_logits, forget_labels), sample_losses(outputs.eval_logits, tensors.eval_labels), alpha
     )
@@ -151,7 +159,8 @@ def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: 
         asr=attack.success_rate,
         forget_logits=forget_logits,
         forget_correct=correct_mask(forget_logits, forget_labels),
-        details={"mia_threshold": attack.threshold, "mia_false_positive_rate": attack.false_positive_rate},
+        details={"mia_threshold": attack.threshold, "mia_false_positive_rate": attack.false_positive_rate,
+                 "non_finite_outputs": non_finite},
     )
 
 

@@ -156,6 +156,18 @@ def fresh_model(model: nn.Module, meta: Any, seed: int, device: torch.device) ->
     return fresh.to(device)
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when its weights are already on ``device``, else a copy moved there (never moves ``model``)."""
+    target = torch.device(device)
+
+    def placed(tensor: torch.Tensor) -> bool:
+        return tensor.device.type == target.type and target.index in (None, tensor.device.index)
+
+    if all(placed(t) for t in (*model.parameters(), *model.buffers())):
+        return model
+    return copy.deepcopy(model).to(target)
+
+
 def copy_model(model: nn.Module, device: torch.device) -> nn.Module:
     """A deep copy of ``model`` on ``device``, with gradients enabled on every parameter."""
     clone = copy.deepcopy(model).to(device)

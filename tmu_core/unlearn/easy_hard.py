@@ -2,8 +2,17 @@
 
 An MLP with hidden layers 64 and 32 and ReLU, trained with SGD (lr 0.01, momentum 0.9, weight decay 5e-4)
 for 100 epochs on the twin problem's features, standardised with the twin problem's own statistics.
-Label 1 = easy (the gold model classifies the sample correctly), 0 = hard. Predictions use threshold 0.5
-on the easy probability averaged over an ensemble of such MLPs (``members``; 1 is the paper's single MLP).
+Label 1 = easy (the gold model classifies the sample correctly), 0 = hard. The easy probability is averaged
+over an ensemble of such MLPs (``members``; 1 is the paper's single MLP).
+
+Two rules turn probabilities into labels (``select_easy``):
+
+- ``"threshold"``: easy when the probability is at least 0.5 (the paper's rule);
+- ``"expected"``: the expected number of easy samples, k = round(sum of probabilities), is kept, and the k
+  most probable samples are labelled easy. Thresholding pushes a group's easy share towards 0 or 1 (a
+  hundred samples each at 0.7 all become easy), while the sum of calibrated probabilities is an unbiased
+  count ("probabilistic classify and count" in the quantification literature). TMU aligns the forget set's
+  accuracy with that share, so the count matters more than any one label.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from tmu_core.unlearn.base import check_choice, check_range
 logger = logging.getLogger(__name__)
 
 LOSSES = ("bce", "ce")
+EASY_RULES = ("threshold", "expected")
 
 
 @dataclass(frozen=True)
@@ -163,10 +173,22 @@ def fit_classifier(features: torch.Tensor, easy: torch.Tensor, config: Classifie
     return clf
 
 
-def predict_easy(clf: EasyHardMLP, features: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(N,) bool: the classifier's easy probability is at least ``threshold``."""
+def predict_easy(clf: EasyHardMLP, features: torch.Tensor, rule: str = "threshold") -> torch.Tensor:
+    """(N,) bool: the classifier's easy labels of ``features`` by ``rule`` (``"threshold"`` or ``"expected"``)."""
     with torch.inference_mode():
-        return clf.easy_probability(features.to(clf.mean.device)) >= threshold
+        return select_easy(clf.easy_probability(features.to(clf.mean.device)), rule)
+
+
+def select_easy(probability: torch.Tensor, rule: str = "threshold") -> torch.Tensor:
+    """(N,) bool easy labels from (N,) easy probabilities by ``rule`` (see the module docstring)."""
+    check_choice("select_easy", "rule", rule, EASY_RULES)
+    if rule == "threshold":
+        return probability >= 0.5
+    count = int(torch.round(probability.sum()).item())
+    order = torch.sort(probability, descending=True, stable=True).indices
+    easy = torch.zeros_like(probability, dtype=torch.bool)
+    easy[order[:count]] = True
+    return easy
 
 
 def label_accuracy(predicted_easy: torch.Tensor, true_easy: torch.Tensor) -> float:

@@ -21,10 +21,10 @@ from torch import nn
 
 from tmu_core.errors import CheckpointError, InvalidInputError
 from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, register_method
-from tmu_core.unlearn.common import copy_model, features_of, fresh_model, subset_rows
+from tmu_core.unlearn.common import copy_model, features_of, fresh_model, logits_of, on_device, subset_rows
 from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy
 from tmu_core.unlearn.features import assemble, curriculum_feature
-from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune
+from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune, logit_margin
 from tmu_core.unlearn.options import TmuOptions
 from tmu_core.unlearn.prepared import PreparedTmu, load_prepared, save_prepared, stored_key
 from tmu_core.unlearn.twin import (build_prepared, fit_twin_classifier, prepare_key, problem_columns,
@@ -47,7 +47,7 @@ class TmuMethod(UnlearnMethod):
     def prepare(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
                 workdir: Path | None = None) -> None:
         """Build TMU's per-model-version state, or reuse it from memory or ``workdir`` when it matches."""
-        self._ensure_prepared(model, meta, data, device, workdir)
+        self._ensure_prepared(on_device(model, device), meta, data, device, workdir)
 
     def _ensure_prepared(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
                          workdir: Path | None) -> tuple[PreparedTmu, str]:
@@ -76,21 +76,23 @@ class TmuMethod(UnlearnMethod):
             raise InvalidInputError("tmu: forget_ids is empty; name at least one sample to forget")
         if not data.retain_ids:
             raise InvalidInputError("tmu: retain_ids is empty; the distance feature needs retained samples")
-        model = model.to(device)
+        model = on_device(model, device)
         prepared, source = self._ensure_prepared(model, meta, data, device, workdir)
         timings = {"prepare": time.perf_counter() - started}
 
         mark = time.perf_counter()
         forget_images, forget_labels = data.tensors("forget")
         clf, columns, cf_info = self._request_features(model, meta, data, prepared, device)
-        predicted = predict_easy(clf, assemble(columns, self.options.features, self.options.log_losses))
+        predicted = predict_easy(clf, assemble(columns, self.options.features, self.options.log_losses),
+                                 self.options.easy_rule)
         timings["features_and_classifier"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         unlearned = copy_model(model, device)
         easy_rows, hard_rows = predicted.nonzero().squeeze(1).cpu(), (~predicted).nonzero().squeeze(1).cpu()
         hard = TuneSet(forget_images[hard_rows], forget_labels[hard_rows])
-        easy = TuneSet(forget_images[easy_rows], forget_labels[easy_rows])
+        easy_labels = forget_labels[easy_rows]
+        easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(model, data, easy_labels, device))
         tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
                                 anchor=model)
         timings["fine_tune"] = time.perf_counter() - mark
@@ -99,7 +101,9 @@ class TmuMethod(UnlearnMethod):
         hard_ids = [data.forget_ids[i] for i in hard_rows.tolist()]
         details = {
             "prepared": source, "predicted_hard": len(hard_ids), "predicted_easy": int(easy_rows.numel()),
-            "features": list(self.options.features), "cf_per_request": self.options.cf_per_request,
+            "features": list(self.options.features), "easy_rule": self.options.easy_rule,
+            "easy_target": self.options.easy_target,
+            "cf_per_request": self.options.cf_per_request,
             "steps": tuned.steps, "stop_reason": tuned.stop_reason, "tune": asdict(tuned),
             "timings": timings, "prepared_info": prepared.info, **cf_info,
         }
@@ -161,6 +165,22 @@ class TmuMethod(UnlearnMethod):
         images = torch.cat([forget_images, twin_images, retain_images[rows]])
         labels = torch.cat([forget_labels, twin_labels, retain_labels[rows]])
         return train_cf_model(model, meta, images, labels, self.options, device)
+
+    def _easy_targets(self, model: nn.Module, data: UnlearnData, labels: torch.Tensor,
+                      device: torch.device) -> torch.Tensor | None:
+        """Per easy sample, the median logit margin M_o gives held-out (twin) samples of its class that it
+        classifies correctly (``easy_target="held_out"``); None for plain cross-entropy."""
+        if self.options.easy_target == "none" or not labels.numel():
+            return None
+        twin_images, twin_labels = data.tensors("twin")
+        margins = logit_margin(logits_of(model, twin_images, device).cpu(), twin_labels)
+        correct = margins > 0
+        targets = torch.full(labels.shape, float(margins[correct].median()) if correct.any() else 1.0)
+        for label in labels.unique().tolist():
+            mine = correct & (twin_labels == label)
+            if mine.any():
+                targets[labels == label] = float(margins[mine].median())
+        return targets
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
         """A random sample of D_r big enough for every step's retain batch (None without a retain term)."""

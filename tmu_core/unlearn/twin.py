@@ -82,23 +82,31 @@ def train_cf_model(model: nn.Module, meta: Any, images: torch.Tensor, labels: to
     return cf_model
 
 
-def make_twin_model(model: nn.Module, twin_images: torch.Tensor, twin_labels: torch.Tensor, options: TmuOptions,
-                    target: float, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def make_twin_model(model: nn.Module, twin: tuple[torch.Tensor, torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
+                    options: TmuOptions, target: float, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """M_t: a copy of M_o fine-tuned on D_test until it fits D_test as well as ``target`` (or ``twin_epochs``).
 
     ``target`` is a fraction; matching M_o's own fit of its training set keeps D_test under M_t as
-    "memorised" as D_f is under M_o, so features of the two problems are comparable.
+    "memorised" as D_f is under M_o, so features of the two problems are comparable. With
+    ``twin_retain_mix > 0`` a random part of the training set (that share of |D_test|) joins the fine-tune,
+    so that M_t keeps fitting D_r + D_f as a model trained on all three would.
     """
-    twin = copy_model(model, device)
+    twin_images, twin_labels = twin
+    images, labels = twin
+    if options.twin_retain_mix > 0:
+        rows = subset_rows(train[0].shape[0], min(1.0, options.twin_retain_mix * len(twin_labels) / len(train[1])),
+                           options.seed + 8)
+        images, labels = torch.cat([twin_images, train[0][rows]]), torch.cat([twin_labels, train[1][rows]])
+    twin_model = copy_model(model, device)
 
     def fitted() -> bool:
-        return correct_of(twin, twin_images, twin_labels, device).float().mean().item() >= target
+        return correct_of(twin_model, twin_images, twin_labels, device).float().mean().item() >= target
 
-    fit = train_epochs(twin, twin_images, twin_labels, epochs=options.twin_epochs, lr=options.twin_lr,
+    fit = train_epochs(twin_model, images, labels, epochs=options.twin_epochs, lr=options.twin_lr,
                        batch_size=options.twin_batch, seed=options.seed + 1, device=device, until=fitted)
-    fit["fit_accuracy"] = 100.0 * correct_of(twin, twin_images, twin_labels, device).float().mean().item()
+    fit["fit_accuracy"] = 100.0 * correct_of(twin_model, twin_images, twin_labels, device).float().mean().item()
     fit["target_accuracy"] = 100.0 * target
-    return twin, fit
+    return twin_model, fit
 
 
 def original_fit(model: nn.Module, train_feats: torch.Tensor, train_labels: torch.Tensor) -> float:
@@ -134,7 +142,8 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     target = options.twin_target_accuracy
     if target is None:
         target = original_fit(model, train_feats, train_labels)
-    twin_model, twin_fit = make_twin_model(model, twin_images, twin_labels, options, target, device)
+    twin_model, twin_fit = make_twin_model(model, (twin_images, twin_labels), (train_images, train_labels), options,
+                                           target, device)
     timings["twin_model"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
