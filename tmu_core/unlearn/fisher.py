@@ -7,6 +7,11 @@ move, weights that only D_f needed are scrambled.
 The Fisher diagonal is estimated with per-sample gradients of ``log p(y | x)`` where ``y`` is drawn from the
 model's own predictive distribution (the true Fisher, not the empirical one), on up to ``samples`` random
 retained samples, and scaled to the size of D_r (the Fisher of the whole retained set).
+
+``alpha`` sets the trade-off and has no good value for a small over-fitted network: on ``cpu-small``
+(mean of cat, ship and automobile) alpha 1e-3 left the model as it was (Delta 31.7, original 32.0);
+1e-2 gave Delta 23.0 with ACC_Dtest 53.8 (original 64.0); 3e-2 gave Delta 16.3 with ACC_Dtest 35.7. The
+default, 1e-2, is the smallest alpha measured that forgets visibly.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class FisherOptions:
         seed: sample choice, sampled labels and the noise.
     """
 
-    alpha: float = 1e-7
+    alpha: float = 1e-2
     var_cap: float = 1e3
     samples: int = 1000
     chunk: int = 64
