@@ -35,7 +35,7 @@ from tmu_core.evaluate.metrics import generalization_label_accuracy
 from tmu_core.evaluate.protocols import builtin_protocol
 from tmu_core.evaluate.scoring import EvalTensors, MemorySource, hard_mask, make_forget_set, model_outputs, score
 from tmu_core.evaluate.splits import pick_forget_ids, split_test
-from tmu_core.unlearn import UnlearnData, get_method
+from tmu_core.unlearn import UnlearnData, get_method, parse_method_spec
 
 logger = logging.getLogger("tune_tmu")
 
@@ -74,28 +74,6 @@ def stage_train(args: argparse.Namespace, device: torch.device) -> None:
             floor = train_model_for(protocol, source, args.cache, forget_set.retain_ids,
                                     protocol.floor_seed_offset, "floor", device)
             print(f"floor class {forget_class}: {floor.seconds:.0f}s cached={floor.cached}")
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``name:key=value,key=value``; commas inside [...] belong to the value."""
-    name, _, rest = text.partition(":")
-    items, depth, current = [], 0, ""
-    for char in rest:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char in ",;" and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    options = {}
-    for item in filter(None, (i.strip() for i in items)):
-        key, _, value = item.partition("=")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value.strip()
-    return name, options
 
 
 def _mean(values):
@@ -146,7 +124,7 @@ def stage_run(args: argparse.Namespace, device: torch.device) -> None:
                                            hard=~floor_scores.forget_correct)})
     prep_data = UnlearnData(source, (), tensors.train_ids, split.twin_ids)
     for text in args.variant:
-        name, options = parse_variant(text)
+        name, options = parse_method_spec(text)
         method = get_method(name, **options)
         workdir = None
         if args.persist and hasattr(method.options, "prepare_key"):

@@ -150,7 +150,9 @@ def test_cli_prints_the_table(run, tmp_path, cache_dir):
         (["--classes", "3,x"], "'x' is not an integer"),
         (["--methods", "finetune", "--noise", "1"], "add tmu to --methods"),
         (["--methods", "nope"], "unknown unlearning method 'nope'"),
-        (["--features", "df,zz"], "use a non-empty subset of df, af, cf"),
+        (["--features", "df,zz"], "use a non-empty subset of df, af, cf, prior"),
+        (["--variant", "tmu:nope=1"], "unknown option(s) nope for method 'tmu'"),
+        (["--variant", "fisher:alpha"], "'alpha' is not key=value"),
         (["--classes", "12"], "forget class 12 does not exist"),
         (["--forget-size", "500"], "accepted 1.."),
     ],
@@ -192,3 +194,12 @@ def test_customize_expands_tmu_ablations():
         "finetune", "tmu[df,noise=0]", "tmu[df,noise=3]", "tmu[df+cf,noise=0]", "tmu[df+cf,noise=3]"]
     assert protocol.methods[-1].options == {"features": ("df", "cf"), "noise_std": 3.0}
     assert protocol.forget_classes == (1, 2) and protocol.forget_size == 10 and protocol.seeds == (0, 1)
+
+
+def test_customize_adds_variant_rows_labelled_with_their_text():
+    protocol = customize(builtin_protocol("digits-tiny"), methods=["tmu"],
+                         variants=["tmu:cf_per_request=true", " fisher:alpha=0.03,samples=10 "])
+    assert [(s.label, s.name) for s in protocol.methods] == [
+        ("tmu", "tmu"), ("tmu:cf_per_request=true", "tmu"), ("fisher:alpha=0.03,samples=10", "fisher")]
+    assert protocol.methods[1].options == {"cf_per_request": True}
+    assert protocol.methods[2].options == {"alpha": 0.03, "samples": 10}

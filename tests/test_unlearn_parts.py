@@ -10,7 +10,8 @@ from torch import nn
 
 from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError, UnknownIdsError
-from tmu_core.unlearn import TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods, register_method
+from tmu_core.unlearn import (TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods,
+                              parse_method_spec, register_method)
 from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy, select_easy
 from tmu_core.unlearn.features import adversarial_feature, assemble, class_prior, distance_feature
 from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, forget_finetune, hard_loss, logit_margin
@@ -76,6 +77,17 @@ def test_unknown_method_lists_the_valid_ones():
         get_method("scrubber")
     assert "unknown unlearning method 'scrubber'" in str(err.value)
     assert "bad_teacher" in str(err.value) and "tmu" in str(err.value)
+
+
+def test_parse_method_spec_reads_json_values_and_keeps_lists_whole():
+    assert parse_method_spec("finetune") == ("finetune", {})
+    name, options = parse_method_spec('tmu:features=["df","cf"],noise_std=0,easy_rule=threshold,cf_per_request=true')
+    assert name == "tmu"
+    assert options == {"features": ["df", "cf"], "noise_std": 0, "easy_rule": "threshold", "cf_per_request": True}
+    with pytest.raises(InvalidInputError, match="has no method name"):
+        parse_method_spec(":lr=1")
+    with pytest.raises(InvalidInputError, match="'lr' is not key=value"):
+        parse_method_spec("tmu:lr")
 
 
 def test_unknown_option_lists_the_valid_ones():
@@ -289,7 +301,16 @@ def test_easy_margin_targets_make_memorised_samples_less_confident_but_correct()
     assert after.mean() < margins(plain, easy).mean() / 2
 
 
+def test_tolerance_stops_once_few_enough_samples_are_misaligned():
+    model, hard, easy = _two_blob_model()  # 3 hard samples, all correct at the start, of 9 forget samples
+    strict = forget_finetune(copy.deepcopy(model), hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.0),
+                             DEVICE)
+    assert strict.stop_reason == "max_steps"
+    loose = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.34), DEVICE)
+    assert loose.stop_reason == "aligned" and loose.steps == 0 and loose.hard_accuracy_after == 100.0
+
+
 def test_forget_finetune_stops_at_max_steps():
     model, hard, easy = _two_blob_model()
-    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3), DEVICE)
+    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.0), DEVICE)
     assert result.stop_reason == "max_steps" and result.steps == 3

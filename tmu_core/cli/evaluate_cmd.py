@@ -48,11 +48,14 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @click.option("--noise", default=None, help="TMU noise levels, one TMU row each, e.g. 0,1,3,5,10 (Table 4).")
 @click.option("--features", "feature_sets", multiple=True,
               help="TMU feature subset, e.g. df,af,cf; repeat for one TMU row per subset (Table 3).")
+@click.option("--variant", "variants", multiple=True,
+              help="Extra row: a method with options, method:key=value,... (e.g. tmu:cf_per_request=true or "
+                   "fisher:alpha=0.03); repeatable.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
              methods: str | None, classes: str | None, forget_size: int | None, seeds: str | None,
              epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
-             progress: bool) -> None:
+             variants: tuple[str, ...], progress: bool) -> None:
     """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
     from tmu_core.device import resolve_device
     from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol
@@ -67,6 +70,7 @@ def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_
             seeds=_numbers(seeds, "--seeds", int),
             noise_levels=noise_levels,
             feature_sets=[parse_list(subset) for subset in feature_sets],
+            variants=variants,
             epochs=epochs,
         )
         out = out_dir if out_dir is not None else Path("runs") / protocol_name

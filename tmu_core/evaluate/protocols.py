@@ -23,9 +23,11 @@ from typing import Any
 
 from tmu_core.errors import InvalidInputError
 from tmu_core.train import TrainConfig
+from tmu_core.unlearn import get_method, parse_method_spec
+from tmu_core.unlearn.features import FEATURE_KINDS
 
 SOURCE_KINDS = ("cifar10-zip", "digits")
-FEATURES = ("df", "af", "cf")
+FEATURES = FEATURE_KINDS
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CIFAR_ZIP = _REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
 ALL_METHODS = ("retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher", "tmu")
@@ -291,6 +293,7 @@ def customize(
     seeds: Sequence[int] | None = None,
     noise_levels: Sequence[float] = (),
     feature_sets: Sequence[Sequence[str]] = (),
+    variants: Sequence[str] = (),
     epochs: int | None = None,
 ) -> Protocol:
     """A copy of ``protocol`` with some choices replaced (the CLI's overrides).
@@ -303,6 +306,8 @@ def customize(
         seeds: seeds.
         noise_levels: TMU noise levels; one TMU row each (Table 4).
         feature_sets: TMU feature subsets; one TMU row each (Table 3).
+        variants: extra rows as ``method:key=value,...`` (e.g. ``tmu:cf_per_request=true``), each labelled
+            with its own text.
         epochs: training epochs of the original and gold models.
 
     Raises:
@@ -317,6 +322,10 @@ def customize(
             specs.append(MethodSpec(name, name, {}))
     if "tmu" in names:
         specs.extend(tmu_variants(noise_levels, feature_sets))
+    for text in variants:
+        name, options = parse_method_spec(text)
+        get_method(name, **options)  # unknown methods and bad options fail here, before any training
+        specs.append(MethodSpec(text.strip(), name, options))
     changes: dict[str, Any] = {"methods": tuple(specs)}
     if classes is not None:
         changes["forget_classes"] = tuple(classes)

@@ -17,6 +17,7 @@ from tmu_core.unlearn.base import (
     UnlearnOutcome,
     get_method,
     list_methods,
+    parse_method_spec,
     register_method,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "UnlearnOutcome",
     "get_method",
     "list_methods",
+    "parse_method_spec",
     "register_method",
 ]

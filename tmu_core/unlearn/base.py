@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -271,6 +272,40 @@ def get_method(name: str, **options: Any) -> UnlearnMethod:
             f"unknown option(s) {', '.join(unknown)} for method {name!r}; valid options: {', '.join(sorted(valid))}"
         )
     return cls(cls.options_type(**options))
+
+
+def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> ``(name, {key: value})``.
+
+    Values are read as JSON when they parse (``0.01``, ``true``, ``["df","cf"]``), else kept as strings; commas
+    inside ``[...]`` belong to the value. The name and keys are not checked here: ``get_method`` checks them.
+
+    Raises:
+        InvalidInputError: no method name, or an item without ``=``.
+    """
+    name, _, rest = text.strip().partition(":")
+    if not name.strip():
+        raise InvalidInputError(f"method spec {text!r} has no method name; expected name[:key=value,...], "
+                                "e.g. tmu:noise_std=0 or fisher:alpha=0.03")
+    items, depth, current = [], 0, ""
+    for char in rest:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    options: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in items)):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"method spec {text!r}: {item!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name.strip(), options
 
 
 def check_range(owner: str, name: str, value: float, low: float, high: float | None = None, *, low_open: bool = False) -> None:

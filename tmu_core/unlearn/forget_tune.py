@@ -25,6 +25,8 @@ whole class). Two bounded terms are offered instead:
 
 Stopping rule: stop as soon as every predicted-hard sample is misclassified and no predicted-easy sample that
 was correct at the start has become wrong (``"aligned"``), or after ``max_steps`` (``"max_steps"``).
+``tolerance`` lets a share of the forget samples stay misaligned at the stop: the last one or two
+memorised hard samples can take as many steps as all the others together.
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
 have the scale of ordinary training) and still leaves the running statistics unchanged.
@@ -62,6 +64,8 @@ class TuneConfig:
         lr: learning rate.
         max_steps: most optimiser steps.
         min_steps: steps to run before the stopping rule may end the run.
+        tolerance: share of the forget samples (hard still correct, or easy turned wrong) that may be
+            misaligned when the stopping rule ends the run.
         hard_objective: ``"margin"`` or ``"ce_clamp"`` (see the module docstring).
         margin: logit margin of the ``"margin"`` objective.
         ascent_cap: loss cap of the ``"ce_clamp"`` objective.
@@ -72,6 +76,8 @@ class TuneConfig:
             model's outputs, which keeps the function on D_r where it was).
         retain_batch: retained samples per step when ``retain_weight > 0``.
         batch_size: most forget samples per step (all of them when fewer).
+        easy_batch: most predicted-easy samples per step (they only anchor the fine-tune, and the stopping
+            rule still checks every one of them).
         optimizer: ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adam"``.
         bn: ``"frozen"``: the model runs in eval mode (running batch-norm statistics);
             ``"batch"``: train mode, normalising with the step's batch, running statistics left unchanged.
@@ -81,6 +87,7 @@ class TuneConfig:
     lr: float = 3e-4
     max_steps: int = 60
     min_steps: int = 0
+    tolerance: float = 0.03
     hard_objective: str = "margin"
     margin: float = 1.0
     ascent_cap: float = 4.0
@@ -88,8 +95,9 @@ class TuneConfig:
     noise_std: float = 8.0
     retain_weight: float = 10.0
     retain_loss: str = "kl"
-    retain_batch: int = 64
+    retain_batch: int = 32
     batch_size: int = 256
+    easy_batch: int = 32
     optimizer: str = "adam"
     bn: str = "frozen"
     seed: int = 0
@@ -102,6 +110,7 @@ class TuneConfig:
         check_range(owner, "lr", self.lr, 0.0, low_open=True)
         check_range(owner, "max_steps", self.max_steps, 1)
         check_range(owner, "min_steps", self.min_steps, 0, self.max_steps)
+        check_range(owner, "tolerance", self.tolerance, 0.0, 1.0)
         check_choice(owner, "hard_objective", self.hard_objective, HARD_OBJECTIVES)
         check_range(owner, "margin", self.margin, 0.0)
         check_range(owner, "ascent_cap", self.ascent_cap, 0.0, low_open=True)
@@ -110,6 +119,7 @@ class TuneConfig:
         check_range(owner, "retain_weight", self.retain_weight, 0.0)
         check_range(owner, "retain_batch", self.retain_batch, 1)
         check_range(owner, "batch_size", self.batch_size, 1)
+        check_range(owner, "easy_batch", self.easy_batch, 1)
 
 
 @dataclass(frozen=True)
@@ -183,28 +193,24 @@ def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, 
 
 
 def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-               config: TuneConfig, gen: torch.Generator,
-               device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """One step's objective, and when it comes for free the current correctness of every hard and easy sample.
+               config: TuneConfig, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step's objective, and, when it comes for free, which hard samples the model classifies correctly.
 
-    Every group goes through the model in one batch (so batch statistics, in ``bn="batch"``, mix them). In
-    eval mode with all hard samples in the batch, the clean easy images ride along, so the stopping rule needs
-    no forward pass of its own.
+    The hard, easy and retain batches go through the model together (so batch statistics, in ``bn="batch"``,
+    mix them). In eval mode with all hard samples in the batch, their correctness comes from this forward pass.
     """
     share = config.batch_size / max(1, hard.size + easy.size)
     hard_b = _pick(hard, max(1, round(hard.size * share)), gen)
-    easy_b = _pick(easy, max(1, round(easy.size * share)), gen) if config.easy_weight > 0 else _pick(easy, 0, gen)
+    easy_count = min(config.easy_batch, max(1, round(easy.size * share))) if config.easy_weight > 0 else 0
+    easy_b = _pick(easy, easy_count, gen)
     use_retain = retain is not None and retain.size > 0 and config.retain_weight > 0
     retain_b = _pick(retain, config.retain_batch, gen) if use_retain else _pick(hard, 0, gen)
-    check = config.bn == "frozen" and hard_b.size == hard.size
-    clean_easy = easy if check else _pick(easy, 0, gen)
     easy_x = as_input(easy_b.images, device)
     if config.noise_std > 0 and easy_b.size:
         easy_x = easy_x + (config.noise_std / 255.0) * torch.randn(easy_x.shape, generator=gen).to(device)
-    groups = (as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device),
-              as_input(clean_easy.images, device))
-    hard_logits, easy_logits, retain_logits, clean_logits = model(torch.cat(groups)).split(
-        [hard_b.size, easy_b.size, retain_b.size, clean_easy.size])
+    groups = (as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device))
+    hard_logits, easy_logits, retain_logits = model(torch.cat(groups)).split(
+        [hard_b.size, easy_b.size, retain_b.size])
     loss = torch.zeros((), device=device)
     if hard_b.size:
         loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
@@ -212,22 +218,15 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
         loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device)
     if retain_b.size:
         loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
-    if not check:
-        return loss, None
-    state = (hard_logits.detach().argmax(1) == hard.labels.to(device),
-             clean_logits.detach().argmax(1) == easy.labels.to(device))
-    return loss, state
+    if config.bn == "frozen" and hard_b.size == hard.size:
+        return loss, hard_logits.detach().argmax(1) == hard.labels.to(device)
+    return loss, None
 
 
 def _correct(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Tensor:
     if not part.size:
         return torch.zeros(0, dtype=torch.bool, device=device)
     return correct_of(model, part.images, part.labels, device)
-
-
-def _state(model: nn.Module, hard: TuneSet, easy: TuneSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which hard and which easy samples the model (eval mode) classifies correctly."""
-    return _correct(model, hard, device), _correct(model, easy, device)
 
 
 @contextlib.contextmanager
@@ -272,14 +271,21 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     gen, optimiser = generator(config.seed), _optimiser(model, config)
     easy_start = hard_start = None
     steps, reason = 0, "max_steps"
+    budget = config.tolerance * (hard.size + easy.size)
     while True:
         with _bn_mode(model, config.bn):
-            loss, state = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
-        hard_now, easy_now = state if state is not None else _state(model, hard, easy, device)
+            loss, hard_now = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+        if hard_now is None:
+            hard_now = _correct(model, hard, device)
         if easy_start is None:
-            hard_start, easy_start = hard_now, easy_now
-        kept = bool((easy_now | ~easy_start).all())
-        if steps >= config.min_steps and not bool(hard_now.any()) and kept:
+            hard_start, easy_start = hard_now, _correct(model, easy, device)
+        easy_lost = None
+        if int(hard_now.sum()) <= budget:  # only then can the rule stop the run: look at the easy samples
+            easy_now = _correct(model, easy, device)
+            easy_lost = int((~easy_now & easy_start).sum())
+        logger.debug("forget fine-tune step %d: loss %.4f, hard still correct %d/%d, easy lost %s/%d", steps,
+                     loss.item(), int(hard_now.sum()), hard.size, "?" if easy_lost is None else easy_lost, easy.size)
+        if easy_lost is not None and steps >= config.min_steps and int(hard_now.sum()) + easy_lost <= budget:
             reason = "aligned"
             break
         if steps >= config.max_steps:
@@ -289,6 +295,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
             loss.backward()
             optimiser.step()
         steps += 1
+    easy_now = _correct(model, easy, device) if easy_lost is None else easy_now
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
     return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
                       _accuracy(easy_now), time.perf_counter() - started)
