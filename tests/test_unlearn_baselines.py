@@ -21,6 +21,7 @@ QUICK = {
     "random_label": {"epochs": 1},
     "bad_teacher": {},
     "fisher": {"samples": 64},
+    "scrub": {"epochs": 1, "max_epochs": 1},
 }
 
 
@@ -45,7 +46,7 @@ def test_baseline_runs_and_leaves_the_input_alone(prob, name):
     assert not state_equal(outcome.model, prob.model)
 
 
-@pytest.mark.parametrize("name", ["neg_grad", "bad_teacher", "fisher", "finetune"])
+@pytest.mark.parametrize("name", ["neg_grad", "bad_teacher", "fisher", "finetune", "scrub"])
 def test_baseline_same_seed_same_weights(prob, name):
     data = prob.data(prob.forget_ids(1, 10))
     first, second = (get_method(name, **QUICK[name]).unlearn(prob.model, prob.meta, data, DEVICE, None)
@@ -59,6 +60,24 @@ def test_neg_grad_lowers_forget_accuracy(prob):
     data = prob.data(prob.forget_ids(2, 20))
     outcome = get_method("neg_grad", epochs=5, retain_weight=0.0).unlearn(prob.model, prob.meta, data, DEVICE, None)
     assert _forget_accuracy(outcome.model, data) < _forget_accuracy(prob.model, data)
+
+
+def test_scrub_max_steps_move_the_student_away_from_the_teacher_on_the_forget_set(prob):
+    data = prob.data(prob.forget_ids(2, 20))
+    images, _ = data.tensors("forget")
+    with torch.no_grad():
+        teacher = torch.softmax(prob.model.eval()(images.float() / 255), dim=1)
+
+    def gap(outcome):
+        with torch.no_grad():
+            student = torch.softmax(outcome.model(images.float() / 255), dim=1)
+        return (student - teacher).abs().sum(dim=1).mean().item()
+
+    min_only = get_method("scrub", epochs=1, max_epochs=0).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    with_max = get_method("scrub", epochs=1, max_epochs=1, lr=0.01).unlearn(prob.model, prob.meta, data, DEVICE,
+                                                                          None)
+    assert with_max.details["max_steps"] > 0 and min_only.details["max_steps"] == 0
+    assert gap(with_max) > gap(min_only)
 
 
 def test_retrain_follows_the_recipe_and_its_seed(prob):

@@ -69,7 +69,8 @@ def test_tensor_source_names_unknown_ids():
 
 
 def test_registry_lists_every_method():
-    assert set(list_methods()) >= {"tmu", "retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher"}
+    assert set(list_methods()) >= {"tmu", "retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher",
+                                  "scrub"}
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -113,6 +114,7 @@ def test_unknown_option_lists_the_valid_ones():
         ("finetune", {"epochs": 0}, "finetune: epochs must be >= 1"),
         ("neg_grad", {"lr": 0.0}, "neg_grad: lr must be > 0.0"),
         ("bad_teacher", {"retain_fraction": 2.0}, "retain_fraction must be >= 0.0 and <= 1.0"),
+        ("scrub", {"max_epochs": 5}, "scrub: max_epochs must be >= 0 and <= 3"),
         ("fisher", {"alpha": -1e-6}, "fisher: alpha must be > 0.0"),
         ("retrain", {"epochs": 0}, "retrain: epochs must be >= 1"),
     ],

@@ -30,7 +30,7 @@ SOURCE_KINDS = ("cifar10-zip", "digits")
 FEATURES = FEATURE_KINDS
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CIFAR_ZIP = _REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
-ALL_METHODS = ("retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher", "tmu")
+ALL_METHODS = ("retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher", "scrub", "tmu")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tmu_core.unlearn.base import (
 )
 
 # Importing the method modules registers them.
-from tmu_core.unlearn import bad_teacher, baselines, fisher, tmu  # noqa: E402,F401  isort: skip
+from tmu_core.unlearn import bad_teacher, baselines, fisher, scrub, tmu  # noqa: E402,F401  isort: skip
 from tmu_core.unlearn.options import TmuOptions  # noqa: E402
 
 __all__ = [
