@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tmu_core.device import generator, seed_everything, set_deterministic
 from tmu_core.errors import InvalidInputError
-from tmu_core.models import Classifier, build_model
+from tmu_core.models import build_model
 from tmu_core.train.augment import crop_flip
 from tmu_core.train.checkpoint import CheckpointMeta
 from tmu_core.train.config import TrainConfig, TrainHistory, TrainResult

@@ -35,7 +35,7 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from tmu_core.errors import InvalidInputError
 from tmu_core.unlearn.base import check_choice, check_range
@@ -169,8 +169,7 @@ class TmuOptions:
 
     def tune_config(self) -> TuneConfig:
         """The unlearning fine-tune settings (validated)."""
-        names = ("lr", "max_steps", "min_steps", "tolerance", "hard_objective", "margin", "ascent_cap", "easy_weight",
-                 "noise_std", "retain_weight", "retain_loss", "retain_batch", "batch_size", "easy_batch", "optimizer", "bn")
+        names = [f.name for f in fields(TuneConfig) if f.name != "seed"]
         return TuneConfig(seed=self.seed + 5, **{name: getattr(self, name) for name in names})
 
     def prepare_key(self) -> str:
