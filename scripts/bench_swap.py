@@ -75,7 +75,7 @@ def _setup(args: argparse.Namespace) -> dict:
     """Index digits, train and package v1, prepare its artifacts; returns what the run needs."""
     from tmu_core.config import Workspace
     from tmu_core.device import resolve_device
-    from tmu_core.service.artifacts import prepare_version
+    from tmu_core.forget.artifacts import prepare_version
     from tmu_core.service.quickstart import MODEL, QuickstartConfig, build_index, sample_png, train_v1
 
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -95,7 +95,7 @@ def _setup(args: argparse.Namespace) -> dict:
 def _swap_under_load(args: argparse.Namespace, env: dict) -> tuple[dict, list[Shot]]:
     """Serve v1, start the client threads, run the forget request to the end, stop the clients."""
     from tmu_core.service.client import ExtensionClient
-    from tmu_core.service.dispatcher import WorkerSettings
+    from tmu_core.forget.dispatcher import WorkerSettings
     from tmu_core.service.server import ServiceConfig, in_process
     from tmu_core.serving import TorchServe, TorchServeConfig
 
@@ -181,7 +181,7 @@ def _table(result: dict) -> str:
             f"| retrain from scratch on D_r (same recipe) | {result['retrain_s']:.1f} |",
             f"| swap window (register .. job done) | {result['swap_window_s']:.1f} |",
             f"| prepare v1 artifacts (once per version, before requests) | {result['prepare_v1_s']:.1f} |"]
-    from tmu_core.service.report import ordered_timings
+    from tmu_core.forget.report import ordered_timings
 
     cost += [f"| step {k} | {v:.2f} |" for k, v in ordered_timings(result["timings"]) if k != "request_to_serving"]
     slow = ["", "requests slower than 1 s, by the step running when they were sent: "

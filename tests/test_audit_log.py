@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tmu_core.errors import InvalidInputError
-from tmu_core.service.audit import GENESIS, AuditLog, chain_hash, hash_id
+from tmu_core.state.audit import GENESIS, AuditLog, chain_hash, hash_id
 
 
 def _log_with_three(tmp_path: Path) -> AuditLog:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tmu_core.errors import ConflictError, InvalidInputError, JobNotFoundError
-from tmu_core.service.jobs import JobStore
+from tmu_core.state.jobs import JobStore
 
 
 def test_lifecycle_and_steps(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ import pytest
 
 from test_service_support import FAST_TMU, make_index, make_v1, make_workspace
 from tmu_core.index import TrainingIndex
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.dispatcher import Dispatcher, WorkerSettings, pid_runs_job, worker_command
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.pipeline import PipelineConfig, run_job
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.audit import AuditLog
+from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings, pid_runs_job, worker_command
+from tmu_core.state.jobs import JobStore
+from tmu_core.forget.pipeline import PipelineConfig, run_job
+from tmu_core.state.versions import VersionRegistry
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_live_worker_is_adopted_not_failed(workspace) -> None:
     job = store.submit("m", ["train/c/0000"])
     store.claim_next("m")
     # A stand-in process whose command line names the worker module and the job, as a real worker's does.
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "tmu_core.service.worker",
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "tmu_core.forget.worker",
                                  "--job", job.id])
     try:
         store.set_fields(job.id, worker_pid=stand_in.pid)
@@ -100,7 +100,7 @@ def test_live_worker_is_adopted_not_failed(workspace) -> None:
 
 def test_worker_command_line(workspace) -> None:
     cmd = worker_command(workspace, "fj-x", WorkerSettings(device="cuda:1", kill_at="drain"))
-    assert cmd[1:3] == ["-m", "tmu_core.service.worker"]
+    assert cmd[1:3] == ["-m", "tmu_core.forget.worker"]
     assert cmd[cmd.index("--job") + 1] == "fj-x" and cmd[cmd.index("--device") + 1] == "cuda:1"
     assert cmd[cmd.index("--home") + 1] == str(workspace.home) and cmd[-2:] == ["--kill-at", "drain"]
     assert os.path.basename(cmd[0]).startswith("python")

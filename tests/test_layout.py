@@ -8,7 +8,7 @@ def test_import_tmu_core_loads_neither_ts_nor_click():
     code = (
         "import sys, tmu_core, tmu_core.errors, tmu_core.config, tmu_core.device, tmu_core.index\n"
         "import tmu_core.models, tmu_core.train, tmu_core.unlearn, tmu_core.evaluate, tmu_core.serving\n"
-        "import tmu_core.service.app, tmu_core.service.pipeline, tmu_core.service.stack\n"
+        "import tmu_core.service.app, tmu_core.forget.pipeline, tmu_core.service.stack\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ts', 'click'))\n"
         "print(','.join(bad))\n"
     )

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from test_service_support import make_index, make_workspace, record_fake_version
-from tmu_core.service.jobs import JobStore
+from tmu_core.state.jobs import JobStore
 from tmu_core.service.server import ServiceConfig, in_process, key_path
 
 

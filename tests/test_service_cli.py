@@ -13,8 +13,8 @@ import tmu_core.cli.forget_cmd  # noqa: F401  (attaches the commands)
 from test_service_support import make_index, make_workspace, record_fake_version
 from tmu_core.cli import cli
 from tmu_core.service import server
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.jobs import JobStore
+from tmu_core.state.audit import AuditLog
+from tmu_core.state.jobs import JobStore
 from tmu_core.service.server import ServiceConfig, in_process
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
-from tmu_core.service.registry import VersionRegistry, file_sha256
+from tmu_core.state.versions import VersionRegistry, file_sha256
 
 
 def _files(tmp_path: Path, version: int) -> tuple[Path, Path, Path]:

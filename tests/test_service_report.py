@@ -7,7 +7,7 @@ import json
 import torch
 
 from tmu_core.models import build_model
-from tmu_core.service.report import format_report, measure, metrics_dict, ordered_timings, write_report
+from tmu_core.forget.report import format_report, measure, metrics_dict, ordered_timings, write_report
 
 
 def _model(seed: int) -> torch.nn.Module:

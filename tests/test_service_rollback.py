@@ -9,9 +9,9 @@ import pytest
 
 from test_service_support import make_workspace, record_fake_version
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.audit import AuditLog
+from tmu_core.state.jobs import JobStore
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.rollback import parse_duration, purge, rollback, undone_forgets
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tmu_core.config import Workspace
-from tmu_core.service.registry import VersionRecord, VersionRegistry
+from tmu_core.state.versions import VersionRecord, VersionRegistry
 
 CLASSES = ("a", "b", "c", "d")
 SIZE = 16

@@ -156,3 +156,24 @@ def test_latest_archives_picks_the_highest_version(tmp_path):
     assert latest_archives(tmp_path, ["a"]) == {"a": (10, tmp_path / "a-v10.mar")}
     with pytest.raises(ModelNotFoundError, match=r"for \['zebra'\]; archived models: \['a', 'net-v2'\]"):
         latest_archives(tmp_path, ["zebra"])
+
+
+def test_the_next_version_is_packaged_with_every_option_of_the_archive(checkpoint, workspace):
+    """The handler config is described once: every ServingOptions field survives the archive round trip."""
+    from dataclasses import asdict
+
+    from tmu_core.serving.archive import ServingOptions
+
+    chosen = ServingOptions(backend="torch", batch_size=4, max_batch_delay=7, top_k=3, max_bytes=12345,
+                            min_workers=1, max_workers=2, response_timeout=33, threads=2)
+    result = package_version(checkpoint, workspace, "m", 1, **asdict(chosen))
+    assert ServingOptions.from_archive(result.archive) == chosen
+    second = package_version(checkpoint, workspace, "m", 2, **asdict(ServingOptions.from_archive(result.archive)))
+    assert ServingOptions.from_archive(second.archive).threads == 2
+
+
+def test_options_of_a_missing_archive_are_a_checkpoint_error(tmp_path):
+    from tmu_core.serving.archive import ServingOptions
+
+    with pytest.raises(CheckpointError, match="cannot read model-config.yaml"):
+        ServingOptions.from_archive(tmp_path / "nope.mar")

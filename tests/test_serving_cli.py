@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import tmu_core.cli.serve_cmd  # noqa: F401  (attaches the commands)
 from tmu_core.cli import cli
 from tmu_core.models import build_model
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.train import CheckpointMeta, save_checkpoint
 
 

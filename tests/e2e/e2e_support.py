@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from tmu_core.service import swap
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.dispatcher import Dispatcher, WorkerSettings
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.audit import AuditLog
+from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.state.jobs import JobStore
+from tmu_core.state.versions import VersionRegistry
 
 
 def run_dispatched(workspace, job_id: str, kill_at: str | None = None, timeout: float = 180.0):

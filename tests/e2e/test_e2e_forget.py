@@ -11,9 +11,9 @@ import requests
 from e2e_support import assert_serving, audit_kinds
 from test_service_support import FAST_TMU
 from tmu_core.index import TrainingIndex
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import ServiceConfig, in_process
-from tmu_core.service.dispatcher import WorkerSettings
+from tmu_core.forget.dispatcher import WorkerSettings
 from tmu_core.serving import InferenceClient
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import pytest
 from e2e_support import assert_serving, audit_kinds, run_dispatched
 from test_service_support import FAST_TMU
 from tmu_core.index import TrainingIndex
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.pipeline import STEPS
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.jobs import JobStore
+from tmu_core.forget.pipeline import STEPS
+from tmu_core.state.versions import VersionRegistry
 
 pytestmark = pytest.mark.integration
 

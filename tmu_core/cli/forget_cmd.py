@@ -72,7 +72,7 @@ def _show_finished(workspace: Workspace, job: dict[str, Any]) -> None:
         raise click.ClickException(f"job {job['id']} failed: {job.get('reason')}")
     result = job.get("result") or {}
     if result.get("metrics"):
-        from tmu_core.service.report import format_report
+        from tmu_core.forget.report import format_report
 
         click.echo(format_report(result))
         click.echo(f"report: {_report_png(workspace, job)}")
@@ -81,7 +81,7 @@ def _show_finished(workspace: Workspace, job: dict[str, Any]) -> None:
 
 
 def _report_png(workspace: Workspace, job: dict[str, Any]) -> Path:
-    from tmu_core.service.report import REPORT_PNG
+    from tmu_core.forget.report import REPORT_PNG
 
     return workspace.version_dir(job["model"], job["to_version"]) / REPORT_PNG
 
@@ -149,7 +149,7 @@ def rollback(workspace: Workspace, model: str, to_version: int, undo_forgets: bo
 @click.pass_obj
 def audit(workspace: Workspace, verify: bool, model: str | None) -> None:
     """Print the audit log (one JSON record per line), or check its hash chain with --verify."""
-    from tmu_core.service.audit import AuditLog
+    from tmu_core.state.audit import AuditLog
 
     with tmu_errors():
         log = AuditLog(workspace.state_db)
@@ -186,7 +186,7 @@ def purge(workspace: Workspace, older_than: str, dry_run: bool) -> None:
 @click.pass_obj
 def prepare(workspace: Workspace, model: str, version: int | None, device: str) -> None:
     """Prepare MODEL's TMU artifacts ahead of forget requests (jobs do it themselves when missing)."""
-    from tmu_core.service.artifacts import prepare_version
+    from tmu_core.forget.artifacts import prepare_version
 
     with tmu_errors():
         seconds = prepare_version(workspace, model, version, device=device)
@@ -205,7 +205,7 @@ def extension_group() -> None:
 def extension_start(workspace: Workspace, port: int, device: str) -> None:
     """Start the extension service in the background (loopback, token in <home>/serve/extension.key)."""
     from tmu_core.service import server
-    from tmu_core.service.dispatcher import WorkerSettings
+    from tmu_core.forget.dispatcher import WorkerSettings
 
     with tmu_errors():
         info = server.start(workspace, server.ServiceConfig(port=port, worker=WorkerSettings(device=device)))

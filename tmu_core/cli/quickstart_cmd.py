@@ -31,7 +31,7 @@ def quickstart(folder: Path, data: Path | None, train_per_class: int, test_per_c
     from tqdm import tqdm
 
     from tmu_core.service.quickstart import QuickstartConfig, run_quickstart
-    from tmu_core.service.report import format_report
+    from tmu_core.forget.report import format_report
 
     with tmu_errors():
         config = QuickstartConfig(folder=folder, data=data, train_per_class=train_per_class,

@@ -13,7 +13,7 @@ from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError
 from tmu_core.serving.archive import PackageResult, package_version
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import status as extension_status
 from tmu_core.service.stack import start_stack, stop_stack
 from tmu_core.serving.clients import InferenceClient

@@ -1,5 +1,5 @@
-"""Forget requests: version registry, audit log, job queue and worker, forget pipeline, the extension service.
+"""The management extension: its HTTP app, server, client, the serving stack, hot swap, rollback and purge.
 
 Importing this package loads nothing heavy; import the submodules you need
-(``tmu_core.service.registry``, ``.audit``, ``.jobs``, ``.pipeline``, ``.app``, ``.server``).
+(``tmu_core.service.app``, ``.server``, ``.client``, ``.stack``, ``.swap``, ``.rollback``).
 """

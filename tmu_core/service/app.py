@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError, ModelNotFoundError, TmuError, UnknownIdsError, http_status
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.registry import VersionRegistry
-from tmu_core.service.intake import DEFAULT_METHOD, ForgetRequest, check_method, resolve
+from tmu_core.state.audit import AuditLog
+from tmu_core.state.jobs import JobStore
+from tmu_core.state.versions import VersionRegistry
+from tmu_core.forget.intake import DEFAULT_METHOD, ForgetRequest, check_method, resolve
 
 logger = logging.getLogger(__name__)
 

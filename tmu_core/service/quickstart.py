@@ -102,7 +102,7 @@ def build_index(workspace: Workspace, config: QuickstartConfig) -> Any:
 
 def train_v1(workspace: Workspace, index: Any, config: QuickstartConfig, device: Any) -> Any:
     """Train the small CNN on every training sample, package it as v1 and record it as serving."""
-    from tmu_core.service.registry import VersionRegistry
+    from tmu_core.state.versions import VersionRegistry
     from tmu_core.serving import package_version
     from tmu_core.train import TrainConfig, save_checkpoint, train_model
 
@@ -203,8 +203,8 @@ def _serve_and_forget(workspace: Workspace, server: Any, index: Any, config: Qui
                       say: Callable[[str], None], on_job: Callable[[dict[str, Any]], None] | None,
                       started: float) -> QuickstartResult:
     from tmu_core.service.client import ExtensionClient
-    from tmu_core.service.dispatcher import WorkerSettings
-    from tmu_core.service.report import REPORT_PNG
+    from tmu_core.forget.dispatcher import WorkerSettings
+    from tmu_core.forget.report import REPORT_PNG
     from tmu_core.service.server import ServiceConfig, in_process
     from tmu_core.serving import InferenceClient
 
@@ -214,7 +214,7 @@ def _serve_and_forget(workspace: Workspace, server: Any, index: Any, config: Qui
     before = infer.predict(MODEL, image)
     say(f"predict {probe}: {before.predictions[0].name} (model_version {before.model_version})")
     request = _forget_request(index, config)
-    from tmu_core.service.artifacts import prepare_version
+    from tmu_core.forget.artifacts import prepare_version
 
     seconds = prepare_version(workspace, MODEL, device=config.device)
     say(f"prepared v1's TMU artifacts in {seconds:.1f}s (once per version, before any request)")

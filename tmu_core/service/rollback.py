@@ -19,11 +19,10 @@ from typing import Any
 
 from tmu_core.config import Workspace
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError
-from tmu_core.service.audit import AuditLog
-from tmu_core.service.db import write_tx
-from tmu_core.service.jobs import JobStore
-from tmu_core.service.recovery import serving_version
-from tmu_core.service.registry import VersionRecord, VersionRegistry
+from tmu_core.state.audit import AuditLog
+from tmu_core.state.db import write_tx
+from tmu_core.state.jobs import JobStore
+from tmu_core.state.versions import VersionRecord, VersionRegistry
 from tmu_core.service.swap import SwapSettings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def undone_forgets(registry: VersionRegistry, model: str, version: int) -> list[
 
 def _check_rollback(workspace: Workspace, registry: VersionRegistry, model: str,
                     to_version: int) -> tuple[VersionRecord, VersionRecord]:
-    current = serving_version(registry, model)
+    current = registry.require_serving(model)
     target = registry.get(model, to_version)
     if target.version == current.version:
         raise ConflictError(f"model {model!r} already serves version {to_version}")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError
-from tmu_core.service.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
 
 logger = logging.getLogger(__name__)
 

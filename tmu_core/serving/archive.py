@@ -9,6 +9,7 @@ and linked into place only when complete; an existing archive is never overwritt
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -16,7 +17,9 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,8 @@ import yaml
 from tmu_core.config import Workspace
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
 from tmu_core.serving.export import OnnxCheck, export_onnx, sha256_file
-from tmu_core.serving.inference import BACKENDS, CHECKPOINT_FILE, DEFAULT_MAX_BYTES, META_FILE, ONNX_FILE
+from tmu_core.serving.inference import (BACKENDS, CHECKPOINT_FILE, DEFAULT_MAX_BYTES, META_FILE, ONNX_FILE,
+                                       HandlerSettings)
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +66,39 @@ class ServingOptions:
 
     def model_config(self) -> dict[str, Any]:
         """The ``model-config.yaml`` mapping."""
-        return {
-            "minWorkers": self.min_workers, "maxWorkers": self.max_workers, "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay, "responseTimeout": self.response_timeout,
-            "handler": {"backend": self.backend, "top_k": self.top_k, "max_bytes": self.max_bytes,
-                        "threads": self.threads},
-        }
+        config: dict[str, Any] = {key: getattr(self, name) for name, key in _TORCHSERVE_KEYS.items()}
+        config["handler"] = {f.name: getattr(self, f.name) for f in fields(HandlerSettings)}
+        return config
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any]) -> "ServingOptions":
+        """Inverse of :meth:`model_config` (missing keys keep their defaults).
+
+        Raises:
+            InvalidInputError: unknown handler keys or invalid values.
+        """
+        handler = HandlerSettings.from_yaml(config)
+        values = {name: config[key] for name, key in _TORCHSERVE_KEYS.items() if config.get(key) is not None}
+        return cls(**values, **{f.name: getattr(handler, f.name) for f in fields(HandlerSettings)})
+
+    @classmethod
+    def from_archive(cls, archive: Path) -> "ServingOptions":
+        """The options an existing archive was packaged with, to package the next version alike.
+
+        Raises:
+            CheckpointError: the archive is missing or holds no readable ``model-config.yaml``.
+        """
+        try:
+            with zipfile.ZipFile(archive) as mar:
+                config = yaml.safe_load(io.BytesIO(mar.read(CONFIG_FILE))) or {}
+        except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError) as err:
+            raise CheckpointError(f"cannot read {CONFIG_FILE} from {archive}: {err}") from err
+        return cls.from_model_config(config)
+
+
+# ServingOptions field -> model-config.yaml key (TorchServe's own settings; the handler's are its section).
+_TORCHSERVE_KEYS = {"min_workers": "minWorkers", "max_workers": "maxWorkers", "batch_size": "batchSize",
+                    "max_batch_delay": "maxBatchDelay", "response_timeout": "responseTimeout"}
 
 
 @dataclass(frozen=True)

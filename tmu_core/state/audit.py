@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tmu_core.errors import InvalidInputError
-from tmu_core.service.db import dumps, read_conn, utc_now, write_tx
+from tmu_core.state.db import dumps, read_conn, utc_now, write_tx
 
 logger = logging.getLogger(__name__)
 

@@ -102,13 +102,12 @@ def prepare_version(workspace: Workspace, model: str, version: int | None = None
     """
     from tmu_core.device import resolve_device
     from tmu_core.index import TrainingIndex
-    from tmu_core.service.recovery import serving_version
-    from tmu_core.service.registry import VersionRegistry
+    from tmu_core.state.versions import VersionRegistry
     from tmu_core.train import load_checkpoint
     from tmu_core.unlearn import get_method
 
     registry = VersionRegistry(workspace.state_db)
-    record = serving_version(registry, model) if version is None else registry.get(model, version)
+    record = registry.require_serving(model) if version is None else registry.get(model, version)
     chosen = get_method(method, **(options or {}))
     target = resolve_device(device)
     net, meta = load_checkpoint(record.checkpoint, target)

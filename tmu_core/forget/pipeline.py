@@ -7,7 +7,7 @@ Steps: ``load`` (serving version's checkpoint and prepared artifacts, preparing 
 After success the worker prepares v(n+1)'s artifacts (recorded in the job's ``followup``).
 
 Nothing is deleted from the index before the new version serves. If a step fails, the worker undoes what the
-job changed in TorchServe and on disk (:func:`tmu_core.service.recovery.undo_uncommitted`) and marks it failed;
+job changed in TorchServe and on disk (:func:`tmu_core.forget.undo.undo_uncommitted`) and marks it failed;
 if the worker dies, the dispatcher does the same. Test-only hook: with ``PipelineConfig.kill_at`` (worker flag
 ``--kill-at STEP``) the worker calls ``os._exit(9)`` at the start of that step, or, for ``commit.index_done``,
 right after the index deletion.
@@ -24,9 +24,10 @@ from typing import Any
 
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
-from tmu_core.service import recovery
-from tmu_core.service.jobs import Job, JobStore
-from tmu_core.service.registry import VersionRegistry
+from tmu_core.forget import commit as recovery
+from tmu_core.forget import undo
+from tmu_core.state.jobs import Job, JobStore
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.swap import SwapSettings
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class _JobRun:
 
     def _step_load(self) -> None:
         from tmu_core.index import TrainingIndex
-        from tmu_core.service.artifacts import artifacts_dir, plan_data, prepare
+        from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
         from tmu_core.train import load_checkpoint
         from tmu_core.unlearn import get_method
 
@@ -113,9 +114,9 @@ class _JobRun:
             self._nothing_to_do()
             return
         self.ids = live
-        source = recovery.serving_version(self.registry, self.job.model)
+        source = self.registry.require_serving(self.job.model)
         target = self.registry.next_version(self.job.model)
-        recovery.remove_version_files(self.workspace, self.registry, self.job.model, target)
+        undo.remove_version_files(self.workspace, self.registry, self.job.model, target)
         self.jobs.set_fields(self.job.id, from_version=source.version, to_version=target)
         self.source, self.target = source, target
         self.plan = plan_data(self.index, self.config.twin_fraction, self.config.seed)
@@ -133,7 +134,7 @@ class _JobRun:
                          result={"nothing_to_do": True})
 
     def _step_unlearn(self) -> None:
-        from tmu_core.service.artifacts import artifacts_dir
+        from tmu_core.forget.artifacts import artifacts_dir
         from tmu_core.unlearn import UnlearnData
 
         forget = set(self.ids)
@@ -143,7 +144,7 @@ class _JobRun:
         self.outcome = self.method.unlearn(self.model, self.meta, self.data, self.device, folder)
 
     def _step_evaluate(self) -> None:
-        from tmu_core.service.report import measure
+        from tmu_core.forget.report import measure
 
         hard = self.outcome.predicted_hard_ids
         test = (self.index.load(list(self.plan.eval_ids)), self.index.labels(list(self.plan.eval_ids)))
@@ -171,7 +172,11 @@ class _JobRun:
     def _step_package(self) -> None:
         from tmu_core.serving import package_version
 
-        options = recovery.packaging_options(self.source.archive)
+        from dataclasses import asdict
+
+        from tmu_core.serving.archive import ServingOptions
+
+        options = asdict(ServingOptions.from_archive(self.source.archive))
         self.package = package_version(self.checkpoint, self.workspace, self.job.model, self.target, **options)
 
     def _step_register(self) -> None:
@@ -199,7 +204,7 @@ class _JobRun:
         swap.unregister(self.workspace, self.job.model, self.source.version)
 
     def _step_commit(self) -> None:
-        from tmu_core.service.report import write_report
+        from tmu_core.forget.report import write_report
 
         result = self.result()
         self.jobs.set_fields(self.job.id, result=result)  # lets recovery finish the commit if the worker dies
@@ -212,7 +217,7 @@ class _JobRun:
 
     def result(self) -> dict[str, Any]:
         """The job's report (JSON-ready): what was forgotten, how well, and what each step cost."""
-        from tmu_core.service.report import metrics_dict
+        from tmu_core.forget.report import metrics_dict
 
         job = self.jobs.get(self.job.id)
         claimed = datetime.fromisoformat(job.started_at or job.created_at)
@@ -231,7 +236,7 @@ class _JobRun:
 
     def prepare_next(self) -> None:
         """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``."""
-        from tmu_core.service.artifacts import artifacts_dir, plan_data, prepare
+        from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
         from tmu_core.train import load_checkpoint
 
         self.jobs.set_fields(self.job.id, followup={"artifacts": "preparing", "version": self.target})
@@ -281,7 +286,7 @@ def run_job(workspace: Workspace, job_id: str, config: PipelineConfig) -> Job:
         except Exception as err:
             step = jobs.get(job_id).step
             logger.exception("job=%s failed in step %s", job_id, step)
-            recovery.fail_job(workspace, jobs.get(job_id), f"step '{step}' failed: {err}", config.swap)
+            undo.fail_job(workspace, jobs.get(job_id), f"step '{step}' failed: {err}", config.swap)
             return jobs.get(job_id)
         if config.prepare_next and jobs.get(job_id).state == "succeeded" and not run.state.get("nothing_to_do"):
             run.prepare_next()

@@ -1,6 +1,6 @@
 """The dispatcher: a thread in the extension service that runs queued forget jobs, one per model at a time.
 
-Each job runs in its own worker process (``python -m tmu_core.service.worker``), so the HTTP API stays responsive
+Each job runs in its own worker process (``python -m tmu_core.forget.worker``), so the HTTP API stays responsive
 and a crash in the job cannot take the service down. When a worker exits while its job is still ``running`` (it
 was killed, or died), the dispatcher undoes the job's uncommitted changes and marks it failed with the reason.
 At start it does the same for jobs left ``running`` by a worker that died while the service was down, and adopts
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmu_core.config import Workspace
-from tmu_core.service.jobs import Job, JobStore
+from tmu_core.state.jobs import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def worker_log(workspace: Workspace, job_id: str) -> Path:
 
 def worker_command(workspace: Workspace, job_id: str, settings: WorkerSettings) -> list[str]:
     """The command line of one job's worker."""
-    cmd = [settings.python, "-m", "tmu_core.service.worker", "--job", job_id, "--home", str(workspace.home),
+    cmd = [settings.python, "-m", "tmu_core.forget.worker", "--job", job_id, "--home", str(workspace.home),
            "--model-store", str(workspace.model_store), "--device", settings.device]
     if settings.kill_at:
         cmd += ["--kill-at", settings.kill_at]
@@ -73,7 +73,7 @@ def pid_runs_job(pid: int | None, job_id: str) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
     except (OSError, IndexError):
         return False
-    return job_id in text and "tmu_core.service.worker" in text and state != "Z"
+    return job_id in text and "tmu_core.forget.worker" in text and state != "Z"
 
 
 class _Adopted:
@@ -211,7 +211,7 @@ class Dispatcher:
                 logger.info("worker of job=%s exited with code %s (job %s)", job_id, code, job.state)
 
     def _recover(self, job: Job, reason: str) -> None:
-        from tmu_core.service.recovery import recover_job
+        from tmu_core.forget.commit import recover_job
 
         logger.warning("job=%s model=%s: %s; recovering", job.id, job.model, reason)
         try:

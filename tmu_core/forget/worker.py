@@ -1,4 +1,4 @@
-"""Entry point of a job worker process: ``python -m tmu_core.service.worker --job ID --home H --model-store M``.
+"""Entry point of a job worker process: ``python -m tmu_core.forget.worker --job ID --home H --model-store M``.
 
 The dispatcher starts one per job. The worker runs the pipeline for that job on ``--device`` (``auto``: the GPU
 when there is one) and exits 0 when the job succeeded, 1 when it failed (the reason is on the job). The
@@ -16,9 +16,9 @@ from tmu_core.config import Workspace
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from tmu_core.service.pipeline import KILL_POINTS
+    from tmu_core.forget.pipeline import KILL_POINTS
 
-    parser = argparse.ArgumentParser(prog="python -m tmu_core.service.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tmu_core.forget.worker", description=__doc__)
     parser.add_argument("--job", required=True, help="the job id (already claimed: state running)")
     parser.add_argument("--home", required=True, type=Path, help="workspace folder")
     parser.add_argument("--model-store", required=True, type=Path, help="TorchServe model store")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one job; the exit code says whether it succeeded."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tmu_core.service.pipeline import PipelineConfig, run_job
+    from tmu_core.forget.pipeline import PipelineConfig, run_job
 
     workspace = Workspace(home=args.home, model_store=args.model_store)
     job = run_job(workspace, args.job, PipelineConfig(device=args.device, kill_at=args.kill_at))

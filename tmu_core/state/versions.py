@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
-from tmu_core.service.db import dumps, read_conn, utc_now, write_tx
+from tmu_core.state.db import dumps, read_conn, utc_now, write_tx
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,18 @@ class VersionRegistry:
     def serving(self, model: str) -> VersionRecord | None:
         """The version in state ``serving``, or None."""
         return next((r for r in self.versions(model) if r.state == "serving"), None)
+
+    def require_serving(self, model: str) -> VersionRecord:
+        """The version in state ``serving``.
+
+        Raises:
+            ModelNotFoundError: the model has no serving version.
+        """
+        record = self.serving(model)
+        if record is None:
+            raise ModelNotFoundError(f"model {model!r} has no serving version in the registry; package and serve "
+                                     "it first (tmu-admin package)")
+        return record
 
     def next_version(self, model: str) -> int:
         """One more than the highest recorded version (1 for a new model)."""
