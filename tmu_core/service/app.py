@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError, ModelNotFoundError, TmuError, UnknownIdsError, http_status
+from tmu_core.service.limits import BodyLimit
 from tmu_core.state.audit import AuditLog
 from tmu_core.state.jobs import JobStore
 from tmu_core.state.versions import VersionRegistry
@@ -124,6 +125,7 @@ def create_app(state: ServiceState) -> FastAPI:
             return denied
         return await call_next(request)
 
+    app.add_middleware(BodyLimit)  # outermost: 413 before the token check or any body is read
     _add_routes(app, state)
     return app
 
