@@ -90,7 +90,11 @@ def serve_group() -> None:
 @click.pass_obj
 def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
                 no_extension: bool) -> None:
-    """Start TorchServe and the management extension; wait until every model is READY."""
+    """Start what is not running of TorchServe and the management extension; wait until every model is READY.
+
+    A TorchServe that runs is kept (a model it lacks is registered); one that died is started again with each
+    model's serving version while a running extension keeps running. Starting everything twice is a no-op.
+    """
     with tmu_errors():
         if config_path is None and Path("config.properties").is_file():
             config_path = Path("config.properties")
@@ -103,7 +107,7 @@ def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path
                "metrics_url": status.metrics_url, "key_file": str(status.key_file) if status.key_file else None,
                "logs": str(status.log_dir), "pid": status.pid, "models": started.versions,
                "extension_url": ext.url if ext else None,
-               "extension_key_file": str(ext.key_file) if ext else None})
+               "extension_key_file": str(ext.key_file) if ext else None, "started": list(started.started)})
 
 
 @serve_group.command("stop")

@@ -1,8 +1,11 @@
 """Start and stop the whole serving stack of a workspace: TorchServe, then the management extension.
 
 TorchServe loads, for each model, the version the registry marks ``serving`` (so a rollback survives a restart),
-or the highest-numbered archive for a model the registry does not know. The extension starts only once every
-model's workers are READY; if anything fails, whatever was started is stopped again.
+or the highest-numbered archive for a model the registry does not know. ``start_stack`` starts only what is not
+running, so it is also the restart step after a crash: a TorchServe that died is started again (with each model's
+serving version) while the extension keeps running, a dead extension is started beside a running TorchServe, and
+a model missing from a running TorchServe is registered. The extension starts only once every model's workers are
+READY; if anything fails, whatever this call started is stopped again.
 """
 
 from __future__ import annotations
@@ -24,11 +27,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StackStatus:
-    """Where the stack answers, and which version of each model TorchServe was started with."""
+    """Where the stack answers, which version of each model TorchServe serves, and what this call started.
+
+    Attributes:
+        torchserve: TorchServe's status.
+        extension: where the extension answers (None when it was not asked for and does not run).
+        versions: ``{model: version}`` that TorchServe serves by default.
+        started: the parts this call started, of ``"torchserve"``, ``"extension"`` and ``"model:<name>"``
+            (a model registered into a TorchServe that was already running); empty when everything ran.
+    """
 
     torchserve: ServerStatus
     extension: ServiceInfo | None
     versions: dict[str, int]
+    started: tuple[str, ...] = ()
 
 
 def archives_to_serve(workspace: Workspace, models: list[str] | None = None) -> dict[str, tuple[int, Path]]:
@@ -49,26 +61,85 @@ def archives_to_serve(workspace: Workspace, models: list[str] | None = None) -> 
     return chosen
 
 
+def running_server(workspace: Workspace, config: TorchServeConfig) -> TorchServe | None:
+    """The workspace's TorchServe when it runs, with the settings it was started with; else None.
+
+    ``config`` is used only when the server's own ``config.properties`` is missing.
+    """
+    server = TorchServe(workspace, config)
+    if server.pid() is None:
+        return None
+    if server.config_path.is_file():
+        written = TorchServeConfig.from_properties(server.config_path, workspace.model_store)
+        if written != config:
+            logger.info("torchserve already runs with %s; keeping its settings", server.config_path)
+        server = TorchServe(workspace, written)
+    return server
+
+
 def start_stack(workspace: Workspace, config: TorchServeConfig, models: list[str] | None = None,
                 with_extension: bool = True, timeout: float = 120.0,
                 service: ServiceConfig | None = None) -> StackStatus:
-    """Start TorchServe with each model's serving version, wait until READY, then start the extension.
+    """Start whatever part of the stack is not running, wait until every model is READY, then the extension.
+
+    Args:
+        workspace: the workspace to serve.
+        config: TorchServe settings for a server started now (a running one keeps its own).
+        models: the models to serve (default: every archived model).
+        with_extension: also start the management extension when it does not run.
+        timeout: seconds to wait for each model's worker to become READY.
+        service: settings of an extension started now.
 
     Raises:
-        ModelNotFoundError: nothing to serve. ServerError / ConflictError: a server did not start or already runs.
+        ModelNotFoundError: nothing to serve. ServerError: a server did not start or a model did not load.
     """
     chosen = archives_to_serve(workspace, models)
-    server = TorchServe(workspace, config)
-    server.start([f"{name}={path.name}" for name, (_, path) in sorted(chosen.items())])
+    server = running_server(workspace, config)
+    started: list[str] = []
+    if server is None:
+        server = TorchServe(workspace, config)
+        server.start([f"{name}={path.name}" for name, (_, path) in sorted(chosen.items())])
+        started.append("torchserve")
     try:
+        if "torchserve" not in started:
+            started += _register_missing(server, chosen, timeout)
         for name in sorted(chosen):
             server.wait_ready(name, timeout)
-        info = extension.start(workspace, service) if with_extension else None
+        info = extension.status(workspace)
+        if with_extension and info is None:
+            info = extension.start(workspace, service)
+            started.append("extension")
     except TmuError:
-        server.stop()
+        if "torchserve" in started:
+            server.stop()
         raise
-    logger.info("stack started home=%s models=%s", workspace.home, sorted(chosen))
-    return StackStatus(server.status(), info, {name: version for name, (version, _) in chosen.items()})
+    versions = _served_versions(server, chosen) if "torchserve" not in started else \
+        {name: version for name, (version, _) in chosen.items()}
+    logger.info("stack home=%s models=%s started=%s", workspace.home, sorted(chosen), started or "nothing")
+    return StackStatus(server.status(), info, versions, tuple(started))
+
+
+def _register_missing(server: TorchServe, chosen: dict[str, tuple[int, Path]], timeout: float) -> list[str]:
+    """Register, into a running TorchServe, each chosen model it does not serve; returns ``model:<name>`` each."""
+    client = server.management(timeout=timeout)
+    present = {entry.name for entry in client.list_models()}
+    registered = []
+    for name in sorted(set(chosen) - present):
+        client.register(chosen[name][1].name, synchronous=True, timeout=timeout)
+        logger.info("registered model=%s version=%d into the running torchserve", name, chosen[name][0])
+        registered.append(f"model:{name}")
+    return registered
+
+
+def _served_versions(server: TorchServe, chosen: dict[str, tuple[int, Path]]) -> dict[str, int]:
+    """The default version a running TorchServe answers with, for each chosen model."""
+    client = server.management()
+    versions = {}
+    for name in chosen:
+        described = client.describe(name)
+        versions[name] = int(described[0].version) if described and described[0].version.isdigit() \
+            else chosen[name][0]
+    return versions
 
 
 def stop_stack(workspace: Workspace, server: TorchServe) -> tuple[bool, bool]:
