@@ -166,9 +166,10 @@ def test_the_next_version_is_packaged_with_every_option_of_the_archive(checkpoin
 
     chosen = ServingOptions(backend="torch", batch_size=4, max_batch_delay=7, top_k=3, max_bytes=12345,
                             min_workers=1, max_workers=2, response_timeout=33, threads=2)
-    result = package_version(checkpoint, workspace, "m", 1, **asdict(chosen))
+    ckpt, _ = checkpoint
+    result = package_version(ckpt, workspace, "m", 1, **asdict(chosen))
     assert ServingOptions.from_archive(result.archive) == chosen
-    second = package_version(checkpoint, workspace, "m", 2, **asdict(ServingOptions.from_archive(result.archive)))
+    second = package_version(ckpt, workspace, "m", 2, **asdict(ServingOptions.from_archive(result.archive)))
     assert ServingOptions.from_archive(second.archive).threads == 2
 
 
