@@ -26,6 +26,7 @@ from pathlib import Path
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError
 from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.serving.keeper import KeyKeeper
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +162,12 @@ def in_process(workspace: Workspace, config: ServiceConfig | None = None,
     thread.start()
     url = f"http://{LOOPBACK}:{port}"
     info_path = _write_info(workspace, url, port)
+    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         _wait_health(url, 30.0)
         yield RunningService(url=url, key=key, dispatcher=dispatcher)
     finally:
+        keeper.stop()
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(timeout=15)
         sock.close()
@@ -206,9 +209,11 @@ def serve_forever(workspace: Workspace, config: ServiceConfig) -> None:
     if dispatcher is not None:
         dispatcher.start()
     logger.info("extension service on %s (pid %d)", url, os.getpid())
+    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         server.run(sockets=[sock])  # type: ignore[attr-defined]
     finally:
+        keeper.stop()
         if dispatcher is not None:
             dispatcher.stop(wait_s=None)
         for name in (INFO_FILE, PID_FILE):

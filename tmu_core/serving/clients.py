@@ -1,5 +1,8 @@
 """HTTP clients of TorchServe's management and inference APIs, with errors mapped to ``tmu_core.errors``.
 
+A client made with a :class:`~tmu_core.serving.keys.KeyRing` reads its key from ``key_file.json`` for each
+request and, when TorchServe refuses it (renewed or expired meanwhile), takes the file's newer key, or renews an
+expired one, and sends the request once more.
 A refused token (TorchServe 0.12: 400 ``InvalidKeyException``) -> ``AuthError``; 404 -> ``ModelNotFoundError``;
 403/409 (e.g. removing the default version) -> ``ConflictError``; any other 400 from the inference API (the
 handler refused the input) -> ``InvalidInputError``; anything else -> ``ServerError``. Messages carry TorchServe's.
@@ -14,6 +17,7 @@ from typing import Any
 import requests
 
 from tmu_core.errors import AuthError, ConflictError, InvalidInputError, ModelNotFoundError, ServerError, TmuError
+from tmu_core.serving.keys import KeyRing
 
 logger = logging.getLogger(__name__)
 
@@ -104,30 +108,55 @@ def _message(resp: requests.Response) -> str:
 
 
 class _Api:
-    """Shared request plumbing: bearer token, timeouts, error mapping."""
+    """Shared request plumbing: bearer token (fixed, or from a key ring), one retry after a refusal, errors."""
 
     api = "TorchServe"
+    kind = "management"
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0, keys: KeyRing | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.keys = keys
         self.session = requests.Session()
+
+    def _current_token(self) -> str | None:
+        if self.keys is None:
+            return self.token
+        try:
+            self.token = self.keys.token(self.kind)
+        except ServerError:
+            if self.token is None:
+                raise
+            logger.warning("cannot read %s; using the last %s key read", self.keys.path, self.kind)
+        return self.token
 
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None, data: bytes | None = None,
                  headers: dict[str, str] | None = None, timeout: float | None = None) -> requests.Response:
-        url = f"{self.base_url}{path}"
-        all_headers = dict(headers or {})
-        if self.token:
-            all_headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            resp = self.session.request(method, url, params=params, data=data, headers=all_headers,
-                                        timeout=timeout or self.timeout)
-        except requests.RequestException as err:
-            raise ServerError(f"cannot reach the {self.api} API at {url}: {err}") from err
+        token = self._current_token()
+        resp = self._send(method, path, token, params, data, headers, timeout)
+        if self.keys is not None and token and _is_token_refusal(resp):
+            try:
+                token = self.token = self.keys.refresh(self.kind, token)
+            except TmuError as err:
+                raise AuthError(f"{method} {path}: TorchServe refused the {self.kind} key and it could not be "
+                                f"renewed: {err}") from err
+            resp = self._send(method, path, token, params, data, headers, timeout)
         if resp.status_code >= 400:
             raise self._error(resp, f"{method} {path}")
         return resp
+
+    def _send(self, method: str, path: str, token: str | None, params: dict[str, Any] | None, data: bytes | None,
+              headers: dict[str, str] | None, timeout: float | None) -> requests.Response:
+        url = f"{self.base_url}{path}"
+        all_headers = dict(headers or {})
+        if token:
+            all_headers["Authorization"] = f"Bearer {token}"
+        try:
+            return self.session.request(method, url, params=params, data=data, headers=all_headers,
+                                        timeout=timeout or self.timeout)
+        except requests.RequestException as err:
+            raise ServerError(f"cannot reach the {self.api} API at {url}: {err}") from err
 
     def _error(self, resp: requests.Response, what: str) -> TmuError:
         msg = f"{what}: TorchServe answered {resp.status_code}: {_message(resp)}"
@@ -210,6 +239,7 @@ class InferenceClient(_Api):
     """TorchServe's inference API."""
 
     api = "TorchServe inference"
+    kind = "inference"
 
     def predict(self, model: str, image: bytes, version: str | int | None = None,
                 content_type: str = "application/octet-stream") -> Prediction:

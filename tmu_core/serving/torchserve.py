@@ -10,7 +10,6 @@ Readiness is a model's worker in state READY, not ``/ping`` (which says Healthy 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -25,12 +24,16 @@ from pathlib import Path
 from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError, TmuError
 from tmu_core.serving.clients import InferenceClient, ManagementClient, ModelVersionInfo  # noqa: F401  (re-exported)
+from tmu_core.serving.keys import KeyRing, TokenKeys, read_keys
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 PID_FILE = ".model_server.pid"
 KEY_FILE = "key_file.json"
+# allowed_urls is a list of regexes that file:// and http(s):// registration URLs must match; this one matches
+# none. A plain file name is never checked against it: TorchServe looks it up inside model_store.
+NO_URLS = "(?!)"
 
 
 def free_ports(count: int) -> tuple[int, ...]:
@@ -66,7 +69,8 @@ class TorchServeConfig:
         grpc_inference_port / grpc_management_port: loopback ports of the gRPC APIs, which TorchServe always
             opens (two servers on one host clash on the defaults 7070/7071).
         token_auth: TorchServe's token authorization (keys in ``key_file.json``).
-        enable_model_api: allow register/unregister through the management API.
+        enable_model_api: allow register/unregister through the management API. Registration takes only
+            the file name of an archive in the model store: ``allowed_urls`` matches no URL.
         token_expiration_min: minutes a generated key stays valid.
         default_workers_per_model: workers for a model registered without ``initial_workers``.
         max_request_size: largest request body TorchServe accepts, in bytes.
@@ -160,6 +164,7 @@ class TorchServeConfig:
             f"grpc_inference_port={self.grpc_inference_port}",
             f"grpc_management_port={self.grpc_management_port}",
             f"model_store={self.model_store}",
+            f"allowed_urls={NO_URLS}",
             f"disable_token_authorization={str(not self.token_auth).lower()}",
             f"enable_model_api={str(self.enable_model_api).lower()}",
             f"token_expiration_min={self.token_expiration_min}",
@@ -186,16 +191,6 @@ def _read_properties(path: Path) -> dict[str, str]:
         raise InvalidInputError(f"cannot read TorchServe properties {path}: {err}") from err
     pairs = (line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#"))
     return {key.strip(): value.strip() for key, value in pairs}
-
-
-@dataclass(frozen=True)
-class TokenKeys:
-    """The keys of ``key_file.json``: send ``Authorization: Bearer <key>``."""
-
-    management: str
-    inference: str
-    api: str
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -329,22 +324,26 @@ class TorchServe:
         return True
 
     def keys(self) -> TokenKeys:
-        """The token keys of the running server.
+        """The token keys of the running server, with their expiration times.
 
         Raises:
-            ServerError: no key file (the server is not running, or token auth is off).
+            ServerError: no key file (the server is not running, or token auth is off), or it is malformed.
         """
-        try:
-            data = json.loads(self.key_file.read_text())
-            return TokenKeys(management=data["management"]["key"], inference=data["inference"]["key"],
-                             api=data["API"]["key"], path=self.key_file)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ServerError(f"cannot read TorchServe keys from {self.key_file}: {err}") from err
+        return read_keys(self.key_file)
 
     def management(self, timeout: float = 30.0) -> ManagementClient:
-        """A management-API client with the current key (no key when token auth is off)."""
-        token = self.keys().management if self.config.token_auth else None
-        return ManagementClient(self.config.url("management"), token, timeout=timeout)
+        """A management-API client that follows renewed keys (no key when token auth is off)."""
+        if not self.config.token_auth:
+            return ManagementClient(self.config.url("management"), None, timeout=timeout)
+        return ManagementClient(self.config.url("management"), self.keys().management, timeout=timeout,
+                                keys=KeyRing(self.key_file, self.config.url("management")))
+
+    def inference(self, timeout: float = 30.0) -> InferenceClient:
+        """An inference-API client that follows renewed keys (no key when token auth is off)."""
+        if not self.config.token_auth:
+            return InferenceClient(self.config.url("inference"), None, timeout=timeout)
+        return InferenceClient(self.config.url("inference"), self.keys().inference, timeout=timeout,
+                               keys=KeyRing(self.key_file, self.config.url("management")))
 
     def wait_ready(self, model: str, timeout: float = 60.0, version: str | None = None) -> ModelVersionInfo:
         """Poll the management API until a worker of ``model`` (``version``, or any) is READY.
