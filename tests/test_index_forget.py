@@ -87,12 +87,37 @@ def test_forget_rejects_bad_requests_and_changes_nothing(index):
     with pytest.raises(UnknownIdsError, match=r"2 unknown sample id\(s\): ghost, train/cat/0099") as err:
         index.forget(["train/cat/0000", "ghost", "train/cat/0099"], "req")
     assert err.value.ids == ["ghost", "train/cat/0099"]
-    with pytest.raises(InvalidInputError, match=r"1 sample id\(s\) belong to the test split, .*: test/eel/0001"):
-        index.forget(["train/cat/0000", "test/eel/0001"], "req")
     with pytest.raises(InvalidInputError, match="request_id must be a non-empty string"):
         index.forget(["train/cat/0000"], " ")
     assert index.info().tombstones == 0 and index.verify().ok
     assert index.forget(["train/cat/0000"], "req").forgotten == ["train/cat/0000"]
+
+
+def test_test_split_samples_can_be_forgotten(index, tmp_path):
+    target = "test/eel/0001"
+    needle = _encoded(tmp_path, target)
+    record = index.lookup([target])[0]
+    result = index.forget(["train/cat/0000", target], "req-t")
+    assert result == ForgetResult("req-t", [target, "train/cat/0000"], [], repeated=False)
+    assert index.tombstone(target).content_hash == record.content_hash and index.is_forgotten(target)
+    blobs = (tmp_path / "index" / "blobs.bin").read_bytes()
+    assert blobs[record.offset:record.offset + record.length] == bytes(record.length)
+    assert _files_holding(tmp_path / "index", needle) == []
+    assert target not in index.ids("test") and index.info().counts == {"train": 11, "test": 5}
+    report = index.verify()
+    assert report.ok and report.checked == 18
+
+
+def test_owner_ids_cover_both_splits(tmp_path):
+    make_tree(tmp_path / "src", train=2, test=1)
+    owners = {"train/cat/0000": "alice", "test/dog/0000": "alice"}
+    with ingest_image_folder(tmp_path / "src", tmp_path / "index", owners=owners) as idx:
+        assert idx.ids_for_owners(["alice"]) == ["train/cat/0000"]
+        assert idx.ids_for_owners(["alice"], split="test") == ["test/dog/0000"]
+        both = idx.ids_for_owners(["alice"], split=None)
+        assert both == ["test/dog/0000", "train/cat/0000"]
+        assert idx.forget(both, "gdpr-both").forgotten == both
+        assert idx.ids_for_owners(["alice"], split=None) == [] and idx.verify().ok
 
 
 def test_owner_lookup_after_forget(tmp_path):
@@ -102,7 +127,7 @@ def test_owner_lookup_after_forget(tmp_path):
     ids = idx.ids_for_owners(["alice"])
     idx.forget(ids, "gdpr-1")
     assert idx.ids_for_owners(["alice"]) == []
-    assert idx.tombstone("train/cat/0000").owner_id == "alice"
+    assert idx.tombstone("train/cat/0000").owner_hmac == idx.owner_hmac("alice") != "alice"
     assert idx.forget(ids, "gdpr-2") == ForgetResult("gdpr-2", [], ids, repeated=False)
 
 

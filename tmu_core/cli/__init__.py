@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from tmu_core.config import Workspace
+from tmu_core.config import Workspace, use_private_umask
 
 
 @click.group()
@@ -23,6 +23,7 @@ from tmu_core.config import Workspace
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, model_store: Path | None, verbose: int) -> None:
     """Serve an image classifier and make it forget training data (Twin Machine Unlearning)."""
+    use_private_umask()  # every file a command writes in the workspace and model store is owner-only
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = Workspace.from_env(home=home, model_store=model_store)

@@ -53,7 +53,8 @@ def _check_sources(zip_path: Path | None, folder: Path | None, digits: bool, tra
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Held-out share of each class (--digits only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split (--digits only).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing index, keeping its tombstones and skipping the images it forgot.")
 @_index_option
 @click.pass_context
 def build(ctx: click.Context, zip_path: Path | None, folder: Path | None, digits: bool, owners: Path | None,
@@ -70,9 +71,12 @@ def build(ctx: click.Context, zip_path: Path | None, folder: Path | None, digits
             index = ingest(zip_path or folder, dest, owners=owners, train_per_class=train_per_class,
                            test_per_class=test_per_class, overwrite=overwrite)
         with index:
-            info = index.info()
+            info, record = index.info(), index.build_record()
     click.echo(f"indexed {info.counts['train']} train and {info.counts['test']} test images "
                f"({len(info.classes)} classes, shape {_shape(info)}) into {info.path}")
+    if record is not None and (record.tombstones_kept or record.skipped_forgotten):
+        click.echo(f"skipped {record.skipped_forgotten} forgotten image(s); kept {record.tombstones_kept} "
+                   "tombstone(s) of the replaced index")
 
 
 def _shape(info: IndexInfo) -> str:

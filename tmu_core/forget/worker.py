@@ -1,8 +1,10 @@
 """Entry point of a job worker process: ``python -m tmu_core.forget.worker --job ID --home H --model-store M``.
 
 The dispatcher starts one per job. The worker runs the pipeline for that job on ``--device`` (``auto``: the GPU
-when there is one) and exits 0 when the job succeeded, 1 when it failed (the reason is on the job). The
-``--kill-at STEP`` flag is a test-only hook: the worker calls ``os._exit(9)`` at the start of STEP.
+when there is one) and exits 0 when the job succeeded, 1 otherwise: the job failed for good, was queued again,
+or is still ``running`` after its commit, to be resumed (the reason is on the job). A job whose commit already
+landed only runs the steps after it. The ``--kill-at STEP`` flag is a test-only hook: the worker calls
+``os._exit(9)`` at the start of STEP in the job's first attempt.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tmu_core.config import Workspace
+from tmu_core.config import Workspace, use_private_umask
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -23,19 +25,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--home", required=True, type=Path, help="workspace folder")
     parser.add_argument("--model-store", required=True, type=Path, help="TorchServe model store")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--kill-at", choices=KILL_POINTS, default=None, help="test only: exit 9 at this step")
+    parser.add_argument("--retention-s", type=float, default=0.0,
+                        help="seconds a superseded version's files are kept (0: deleted when the job finishes)")
+    parser.add_argument("--max-attempts", type=int, default=5, help="tries of a job that fails before its commit")
+    parser.add_argument("--kill-at", choices=KILL_POINTS, default=None,
+                        help="test only: exit 9 at this step of the job's first attempt")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one job; the exit code says whether it succeeded."""
+    use_private_umask()  # checkpoints, archives, reports and logs it writes are owner-only
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tmu_core.forget.pipeline import PipelineConfig, run_job
 
     workspace = Workspace(home=args.home, model_store=args.model_store)
-    job = run_job(workspace, args.job, PipelineConfig(device=args.device, kill_at=args.kill_at))
-    logging.getLogger(__name__).info("job=%s finished: %s %s", job.id, job.state, job.reason or "")
+    config = PipelineConfig(device=args.device, kill_at=args.kill_at, retention_s=args.retention_s,
+                            max_attempts=args.max_attempts)
+    job = run_job(workspace, args.job, config)
+    logging.getLogger(__name__).info("job=%s ends as %s at step %s: %s", job.id, job.state, job.step,
+                                     job.reason or "")
     return 0 if job.state == "succeeded" else 1
 
 

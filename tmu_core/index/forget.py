@@ -2,8 +2,8 @@
 
 Steps of :func:`forget_samples`:
 
-1. one ``BEGIN IMMEDIATE`` transaction deletes the sample rows and inserts their tombstones, the request
-   and ``pending_wipe`` rows (the byte ranges still to zero);
+1. one ``BEGIN IMMEDIATE`` transaction deletes the sample rows and inserts their tombstones (the owner id
+   kept only as a keyed HMAC), the request and ``pending_wipe`` rows (the byte ranges still to zero);
 2. those ranges of ``blobs.bin`` are overwritten with zeros, flushed and fsynced;
 3. the ``pending_wipe`` rows are deleted.
 
@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tmu_core.errors import ConflictError, InvalidInputError, UnknownIdsError
+from tmu_core.index.private import owner_hmac
 from tmu_core.index.records import ForgetResult
 from tmu_core.index.schema import fetch_by_ids
 
@@ -62,7 +63,8 @@ def _repeat(row: tuple, request_id: str, ids_hash: str) -> ForgetResult:
     return ForgetResult(request_id, json.loads(forgotten), json.loads(already), repeated=True)
 
 
-def _tombstone(conn: sqlite3.Connection, wanted: list[str], request_id: str, ids_hash: str) -> ForgetResult:
+def _tombstone(conn: sqlite3.Connection, wanted: list[str], request_id: str, ids_hash: str,
+               key: bytes) -> ForgetResult:
     live = {r[0]: r for r in fetch_by_ids(
         conn, "SELECT sample_id, owner_id, split, content_hash, offset, length FROM samples "
         "WHERE sample_id IN ({marks})", wanted)}
@@ -70,12 +72,6 @@ def _tombstone(conn: sqlite3.Connection, wanted: list[str], request_id: str, ids
     unknown = [i for i in wanted if i not in live and i not in gone]
     if unknown:
         raise UnknownIdsError(unknown)
-    held_out = sorted(i for i, r in live.items() if r[2] != "train")
-    if held_out:
-        raise InvalidInputError(
-            f"{len(held_out)} sample id(s) belong to the test split, which is not training data and cannot be "
-            f"forgotten: {', '.join(held_out[:20])}"
-        )
     forgotten, already = sorted(live), sorted(gone)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     conn.execute(
@@ -84,9 +80,9 @@ def _tombstone(conn: sqlite3.Connection, wanted: list[str], request_id: str, ids
     )
     rows = [live[i] for i in forgotten]
     conn.executemany(
-        "INSERT INTO tombstones (sample_id, owner_id, content_hash, request_id, forgotten_at, offset, length) "
+        "INSERT INTO tombstones (sample_id, owner_hmac, content_hash, request_id, forgotten_at, offset, length) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(r[0], r[1], r[3], request_id, now, r[4], r[5]) for r in rows],
+        [(r[0], owner_hmac(key, r[1]), r[3], request_id, now, r[4], r[5]) for r in rows],
     )
     conn.executemany("INSERT INTO pending_wipe (sample_id, offset, length) VALUES (?, ?, ?)",
                      [(r[0], r[4], r[5]) for r in rows])
@@ -94,11 +90,19 @@ def _tombstone(conn: sqlite3.Connection, wanted: list[str], request_id: str, ids
     return ForgetResult(request_id, forgotten, already, repeated=False)
 
 
-def forget_samples(conn: sqlite3.Connection, blob_path: Path, ids: list[str], request_id: str) -> ForgetResult:
-    """Tombstone the given train samples and zero their bytes (see the module docstring for the steps).
+def forget_samples(conn: sqlite3.Connection, blob_path: Path, ids: list[str], request_id: str,
+                   key: bytes) -> ForgetResult:
+    """Tombstone the given samples (of either split) and zero their bytes (see the module docstring for the steps).
+
+    Args:
+        conn: the index database.
+        blob_path: its blob file.
+        ids: sample ids to forget.
+        request_id: the caller's request id.
+        key: the index key; tombstones keep the HMAC of the owner id under it, not the owner id.
 
     Raises:
-        InvalidInputError: empty list, bad ids or request id, or ids of the test split.
+        InvalidInputError: empty list, bad ids or request id.
         UnknownIdsError: ids that the index never held.
         ConflictError: the request id was used before with other ids.
     """
@@ -108,7 +112,10 @@ def forget_samples(conn: sqlite3.Connection, blob_path: Path, ids: list[str], re
     try:
         previous = conn.execute("SELECT ids_hash, forgotten, already_forgotten FROM requests WHERE request_id = ?",
                                 (request_id,)).fetchone()
-        result = _repeat(previous, request_id, ids_hash) if previous else _tombstone(conn, wanted, request_id, ids_hash)
+        if previous:
+            result = _repeat(previous, request_id, ids_hash)
+        else:
+            result = _tombstone(conn, wanted, request_id, ids_hash, key)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

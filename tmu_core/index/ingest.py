@@ -57,14 +57,17 @@ def ingest_image_folder(root: Path | str, dest: Path | str, owners: Owners = Non
         owners: CSV (``sample_id,owner_id`` header) or JSON file, or a mapping; other samples own themselves.
         train_per_class: keep only the first N files (sorted by name) of each train class.
         test_per_class: the same for the test split.
-        overwrite: replace an existing index at ``dest``.
+        overwrite: replace an existing index at ``dest``, keeping its tombstones, requests and key; source
+            images whose sample id or pixel hash it forgot are skipped (see :meth:`TrainingIndex.build_record`).
 
     Returns:
         The new index, open.
 
     Raises:
         InvalidInputError: bad layout, corrupt image, shape mismatch or bad owner mapping (the item is named).
-        ConflictError: ``dest`` exists and ``overwrite`` is False.
+        ConflictError: ``dest`` exists and ``overwrite`` is False, or the index at ``dest`` forgot samples
+            while it was being rebuilt.
+        CheckpointError: ``overwrite`` would replace an index whose tombstones cannot be read.
     """
     root = Path(root)
     if not root.is_dir():
@@ -114,7 +117,8 @@ def ingest_digits(dest: Path | str, test_fraction: float = 0.2, seed: int = 0, o
         test_fraction: share of each class held out as the test split, strictly between 0 and 1.
         seed: seed of the split.
         owners: as for :func:`ingest_image_folder`.
-        overwrite: replace an existing index at ``dest``.
+        overwrite: replace an existing index at ``dest``, keeping its tombstones, requests and key; source
+            images whose sample id or pixel hash it forgot are skipped (see :meth:`TrainingIndex.build_record`).
 
     Returns:
         The new index, open.

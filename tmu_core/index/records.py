@@ -35,15 +35,42 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What is left of a forgotten sample: its id, owner and pixel hash, never its pixels."""
+    """What is left of a forgotten sample: its id, a keyed hash of its owner and its pixel hash, never its pixels.
+
+    Attributes:
+        sample_id: the forgotten sample's id (kept to recognise repeated requests and refuse re-ingest).
+        owner_hmac: hex HMAC-SHA256 of the owner id under the index key (the owner id itself is not kept);
+            compare with :meth:`TrainingIndex.owner_hmac`.
+        content_hash: sha256 hex of the decoded pixels, so a rebuild refuses the same image under another id.
+        request_id: the forget request that removed it.
+        forgotten_at: UTC time of the forget, ISO 8601.
+        offset: start of the zeroed byte range in ``blobs.bin``.
+        length: its length; 0 (with offset 0) once a rebuild carried the tombstone into a blob file that
+            never held the bytes.
+    """
 
     sample_id: str
-    owner_id: str
+    owner_hmac: str
     content_hash: str
     request_id: str
     forgotten_at: str
     offset: int
     length: int
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """How the index was last built, from :meth:`TrainingIndex.build_record`.
+
+    Attributes:
+        stored: images written to the blob file.
+        skipped_forgotten: source images refused because their sample id or pixel hash was forgotten.
+        tombstones_kept: tombstones carried over from the index the build replaced.
+    """
+
+    stored: int
+    skipped_forgotten: int
+    tombstones_kept: int
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ import sqlite3
 from pathlib import Path
 
 from tmu_core.errors import CheckpointError
+from tmu_core.index.private import owner_hmac
 
 DB_NAME = "index.sqlite"
 BLOB_NAME = "blobs.bin"
-FORMAT_VERSION = 1
+# Format 2: tombstones keep an HMAC of the owner id (``owner_hmac``); format 1 kept the owner id itself.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -38,14 +41,14 @@ CREATE TABLE requests (
 );
 CREATE TABLE tombstones (
     sample_id TEXT PRIMARY KEY,
-    owner_id TEXT NOT NULL,
+    owner_hmac TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     request_id TEXT NOT NULL REFERENCES requests (request_id),
     forgotten_at TEXT NOT NULL,
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL
 );
-CREATE INDEX tombstones_owner ON tombstones (owner_id);
+CREATE INDEX tombstones_owner ON tombstones (owner_hmac);
 CREATE TABLE pending_wipe (
     sample_id TEXT PRIMARY KEY REFERENCES tombstones (sample_id),
     offset INTEGER NOT NULL,
@@ -81,11 +84,11 @@ def create_schema(conn: sqlite3.Connection, classes: list[str], image_shape: tup
     )
 
 
-def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int]]:
-    """Read the class names and image shape, checking that the file is an index of this format.
+def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int], int]:
+    """Read the class names, image shape and format version, checking that the file is an index this code reads.
 
     Raises:
-        CheckpointError: the database has no index metadata or another format version.
+        CheckpointError: the database has no index metadata or a format version this code does not read.
     """
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -94,12 +97,42 @@ def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[in
     missing = sorted({"format_version", "classes", "image_shape"} - set(meta))
     if missing:
         raise CheckpointError(f"{root / DB_NAME} is not a training index: meta lacks {', '.join(missing)}")
-    if meta["format_version"] != str(FORMAT_VERSION):
+    if meta["format_version"] not in {str(v) for v in READABLE_VERSIONS}:
         raise CheckpointError(
-            f"{root / DB_NAME} has index format {meta['format_version']}; this version reads format {FORMAT_VERSION}"
+            f"{root / DB_NAME} has index format {meta['format_version']}; this version reads formats "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     shape = json.loads(meta["image_shape"])
-    return list(json.loads(meta["classes"])), (int(shape[0]), int(shape[1]), int(shape[2]))
+    classes = list(json.loads(meta["classes"]))
+    return classes, (int(shape[0]), int(shape[1]), int(shape[2])), int(meta["format_version"])
+
+
+def migrate_owner_ids(conn: sqlite3.Connection, key: bytes) -> int:
+    """Turn a format-1 index into format 2: replace each tombstone's owner id by its HMAC, in one transaction.
+
+    ``secure_delete`` zeroes the replaced cells, and the checkpoint empties the WAL, so the plain owner ids
+    leave no copy in the database files.
+
+    Returns:
+        How many tombstones were rewritten.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0]
+        if version == str(FORMAT_VERSION):  # another process migrated it first
+            conn.execute("COMMIT")
+            return 0
+        rows = conn.execute("SELECT sample_id, owner_id FROM tombstones").fetchall()
+        conn.execute("ALTER TABLE tombstones RENAME COLUMN owner_id TO owner_hmac")
+        conn.executemany("UPDATE tombstones SET owner_hmac = ? WHERE sample_id = ?",
+                         [(owner_hmac(key, owner), sample_id) for sample_id, owner in rows])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return len(rows)
 
 
 _CHUNK = 900  # stays below SQLite's limit on bound parameters in one statement

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -14,9 +15,27 @@ import torch
 
 from tmu_core.errors import CheckpointError, InvalidInputError, UnknownIdsError
 from tmu_core.index import forget as forget_steps
+from tmu_core.index.carry import Forgotten, ForgottenFilter, read_forgotten
 from tmu_core.index.codec import decode_stored, pixel_hash
-from tmu_core.index.records import SPLITS, ForgetResult, IndexInfo, SampleRecord, Tombstone, VerifyReport
-from tmu_core.index.schema import BLOB_NAME, DB_NAME, connect, fetch_by_ids, read_meta
+from tmu_core.index.private import KEY_NAME, narrow_modes, owner_hmac, read_key, write_key
+from tmu_core.index.records import (
+    SPLITS,
+    BuildRecord,
+    ForgetResult,
+    IndexInfo,
+    SampleRecord,
+    Tombstone,
+    VerifyReport,
+)
+from tmu_core.index.schema import (
+    BLOB_NAME,
+    DB_NAME,
+    FORMAT_VERSION,
+    connect,
+    fetch_by_ids,
+    migrate_owner_ids,
+    read_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +43,19 @@ _RECORD_COLUMNS = "sample_id, owner_id, label, split, content_hash, codec, offse
 
 
 class TrainingIndex:
-    """A training index on disk: ``index.sqlite`` (metadata) and ``blobs.bin`` (encoded images).
+    """A training index on disk: ``index.sqlite`` (metadata), ``blobs.bin`` (encoded images), ``id.key``.
 
-    Open it with :meth:`open`. One process writes (the job worker); any number may read.
+    Open it with :meth:`open`. One process writes (the job worker); any number may read. The folder is
+    0700 and its files 0600.
     """
 
-    def __init__(self, root: Path, conn, classes: list[str], image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, root: Path, conn, classes: list[str], image_shape: tuple[int, int, int],
+                 key: bytes) -> None:
         self.root = root
         self.classes = classes
         self.image_shape = image_shape
         self._conn = conn
+        self._key = key
         self._lock = threading.RLock()
         self._blob_path = root / BLOB_NAME
 
@@ -41,27 +63,32 @@ class TrainingIndex:
     def open(cls, path: Path | str) -> "TrainingIndex":
         """Open the index in folder ``path``, finishing any forget that a crash interrupted.
 
+        Opening also narrows the folder to mode 0700 and its files to 0600, creates the owner-id key of an
+        index made without one, and rewrites the plain owner ids of a format-1 index's tombstones as HMACs.
+
         Raises:
-            CheckpointError: ``path`` holds no index (or an unreadable one).
+            CheckpointError: ``path`` holds no index (or an unreadable one), or its key file is missing
+                while its tombstones need it.
         """
         root = Path(path).absolute()
         db_path, blob_path = root / DB_NAME, root / BLOB_NAME
         if not db_path.is_file() or not blob_path.is_file():
             missing = DB_NAME if not db_path.is_file() else BLOB_NAME
             raise CheckpointError(f"no training index at {root}: {missing} is missing")
+        narrow_modes(root)  # before SQLite opens the file: its -wal and -shm copy the database file's mode
         try:
             conn = connect(db_path)
         except sqlite3.DatabaseError as err:
             raise CheckpointError(f"{db_path} is not a training index: {err}") from err
         try:
-            classes, shape = read_meta(conn, root)
+            classes, shape, key = _prepare(conn, root)
             redone = forget_steps.wipe_pending(conn, blob_path)
         except BaseException:
             conn.close()
             raise
         if redone:
             logger.warning("index=%s finished an interrupted forget: zeroed %d byte range(s)", root, redone)
-        return cls(root, conn, classes, shape)
+        return cls(root, conn, classes, shape, key)
 
     def close(self) -> None:
         """Close the database connection."""
@@ -126,24 +153,33 @@ class TrainingIndex:
         """Live sample ids of the given data owners, sorted.
 
         Args:
-            owner_ids: owner ids (an owner whose samples were all forgotten is known and yields nothing).
-            split: ``"train"`` (default: the samples that can be forgotten), ``"test"`` or None for both.
+            owner_ids: owner ids (an owner whose samples were all forgotten is known and yields nothing; it is
+                recognised by the HMAC its tombstones keep).
+            split: ``"train"`` (default), ``"test"``, or None for both splits (everything a forget of these
+                owners must remove).
 
         Raises:
+            InvalidInputError: unknown split.
             UnknownIdsError: owners the index never held (kind ``"owner"``).
         """
         if split is not None and split not in SPLITS:
             raise InvalidInputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or None")
         owners = sorted(set(owner_ids))
+        by_hmac = {self.owner_hmac(o): o for o in owners}
         with self._lock:
             live = fetch_by_ids(self._conn, "SELECT sample_id, owner_id, split FROM samples "
                                 "WHERE owner_id IN ({marks})", owners)
-            gone = fetch_by_ids(self._conn, "SELECT owner_id FROM tombstones WHERE owner_id IN ({marks})", owners)
-        known = {r[1] for r in live} | {r[0] for r in gone}
+            gone = fetch_by_ids(self._conn, "SELECT owner_hmac FROM tombstones WHERE owner_hmac IN ({marks})",
+                                sorted(by_hmac))
+        known = {r[1] for r in live} | {by_hmac[r[0]] for r in gone}
         unknown = [o for o in owners if o not in known]
         if unknown:
             raise UnknownIdsError(unknown, kind="owner")
         return sorted(r[0] for r in live if split is None or r[2] == split)
+
+    def owner_hmac(self, owner_id: str) -> str:
+        """Hex HMAC-SHA256 of ``owner_id`` under this index's key: what a tombstone keeps of its owner."""
+        return owner_hmac(self._key, owner_id)
 
     def labels(self, ids: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """Labels of live samples as a LongTensor (N,), in the order of ``ids``."""
@@ -190,25 +226,44 @@ class TrainingIndex:
             yield images, labels
 
     def forget(self, ids: list[str], request_id: str) -> ForgetResult:
-        """Forget train samples for good: tombstone them and zero their bytes on disk.
+        """Forget samples of either split for good: tombstone them and zero their bytes on disk.
+
+        Test-split samples are forgettable too: a data owner's test images feed the unlearning itself (TMU's
+        twin model is fine-tuned on half of the test split).
 
         Args:
-            ids: train sample ids; ids forgotten by an earlier request are reported, not redone.
+            ids: train or test sample ids; ids forgotten by an earlier request are reported, not redone.
             request_id: the caller's id; the same id with the same ids again changes nothing (``repeated``).
 
         Raises:
-            InvalidInputError: empty list, or ids of the test split (named).
+            InvalidInputError: empty list, or bad ids or request id.
             UnknownIdsError: ids the index never held (listed).
             ConflictError: ``request_id`` was used before with other ids.
         """
         with self._lock:
-            return forget_steps.forget_samples(self._conn, self._blob_path, list(ids), request_id)
+            return forget_steps.forget_samples(self._conn, self._blob_path, list(ids), request_id, self._key)
 
     def tombstone(self, sample_id: str) -> Tombstone | None:
         """The tombstone of a forgotten sample, or None when it was never forgotten."""
-        rows = self._query("SELECT sample_id, owner_id, content_hash, request_id, forgotten_at, offset, length "
+        rows = self._query("SELECT sample_id, owner_hmac, content_hash, request_id, forgotten_at, offset, length "
                            "FROM tombstones WHERE sample_id = ?", (sample_id,))
         return Tombstone(*rows[0]) if rows else None
+
+    def forgotten_filter(self) -> ForgottenFilter:
+        """The rule any path adding images to this index applies: refuse a forgotten sample id or pixel hash."""
+        with self._lock:
+            return ForgottenFilter.from_db(self._conn)
+
+    def forgotten(self) -> Forgotten:
+        """The forget requests and tombstones, as a rebuild carries them into the index that replaces this one."""
+        with self._lock:
+            return read_forgotten(self._conn)
+
+    def build_record(self) -> BuildRecord | None:
+        """How the index was last built (images stored, forgotten images skipped, tombstones kept), or None
+        for an index built before builds were recorded."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'build'")
+        return BuildRecord(**json.loads(rows[0][0])) if rows else None
 
     def is_forgotten(self, sample_id: str) -> bool:
         """True when ``sample_id`` was forgotten."""
@@ -258,3 +313,29 @@ class TrainingIndex:
         except InvalidInputError:
             return False
         return pixel_hash(pixels) == record.content_hash
+
+
+def _prepare(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int], bytes]:
+    """Read the metadata, load (or make) the key and migrate a format-1 index; returns classes, shape, key."""
+    classes, shape, version = read_meta(conn, root)
+    key = _load_key(conn, root, version)
+    if version < FORMAT_VERSION:
+        migrated = migrate_owner_ids(conn, key)
+        logger.info("index=%s migrated to format %d: %d tombstone owner id(s) replaced by HMACs", root,
+                    FORMAT_VERSION, migrated)
+    return classes, shape, key
+
+
+def _load_key(conn: sqlite3.Connection, root: Path, version: int) -> bytes:
+    key = read_key(root)
+    if key is not None:
+        return key
+    if version >= FORMAT_VERSION and conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]:
+        raise CheckpointError(
+            f"{root / KEY_NAME} is missing, but the index's tombstones hold owner HMACs made with that key; "
+            f"restore the key file from a backup of {root}"
+        )
+    try:
+        return write_key(root)
+    except FileExistsError:  # another process opening the same index made it first
+        return read_key(root)

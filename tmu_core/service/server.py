@@ -2,6 +2,9 @@
 
 Files in ``workspace.serve_dir``: ``extension.key`` (the bearer key, mode 0600, new at every start),
 ``extension.json`` (url, port, pid), ``extension.pid`` and ``extension.log``. The service listens on loopback only.
+It is the single writer of its workspace: it holds ``<home>/writer.lock`` (:func:`tmu_core.state.locks.writer_lock`)
+from before it writes its key file until it exits, so a second service on the same workspace fails fast and leaves
+the first one's key, info file and jobs alone.
 ``python -m tmu_core.service.server --home H --model-store M [--port P]`` runs it in the foreground.
 """
 
@@ -23,10 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmu_core.config import Workspace
+from tmu_core.config import PRIVATE_FILE_MODE, Workspace, use_private_umask
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError
 from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
-from tmu_core.serving.keeper import KeyKeeper
+from tmu_core.state.locks import HeldLock, current_holder, writer_lock, writer_lock_path
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,16 @@ def _bind(port: int) -> socket.socket:
     return sock
 
 
+def _claim(workspace: Workspace) -> HeldLock:
+    """Create the workspace folders (0700) and take its writer lock, before anything else is written.
+
+    Raises:
+        ConflictError: another extension service is the workspace's writer (the message names its pid).
+    """
+    workspace.ensure_dirs()
+    return writer_lock(workspace)
+
+
 def _build(workspace: Workspace, config: ServiceConfig) -> tuple[object, Dispatcher | None, str]:
     import uvicorn
 
@@ -151,8 +164,16 @@ def in_process(workspace: Workspace, config: ServiceConfig | None = None,
         workspace: the workspace to serve.
         config: port (0: a free one), dispatcher on/off, worker settings.
         wait_workers_s: at exit, how long to wait for running job workers before terminating them.
+
+    Raises:
+        ConflictError: another extension service is the workspace's writer (the message names its pid).
     """
-    config = config or ServiceConfig()
+    with _claim(workspace), _in_thread(workspace, config or ServiceConfig(), wait_workers_s) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _in_thread(workspace: Workspace, config: ServiceConfig, wait_workers_s: float) -> Iterator[RunningService]:
     sock = _bind(config.port)
     server, dispatcher, key = _build(workspace, config)
     port = sock.getsockname()[1]
@@ -162,12 +183,10 @@ def in_process(workspace: Workspace, config: ServiceConfig | None = None,
     thread.start()
     url = f"http://{LOOPBACK}:{port}"
     info_path = _write_info(workspace, url, port)
-    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         _wait_health(url, 30.0)
         yield RunningService(url=url, key=key, dispatcher=dispatcher)
     finally:
-        keeper.stop()
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(timeout=15)
         sock.close()
@@ -199,7 +218,16 @@ def _wait_health(url: str, timeout: float) -> None:
 
 
 def serve_forever(workspace: Workspace, config: ServiceConfig) -> None:
-    """Run the service in the foreground until SIGTERM/SIGINT (what the background process does)."""
+    """Run the service in the foreground until SIGTERM/SIGINT (what the background process does).
+
+    Raises:
+        ConflictError: another extension service is the workspace's writer (the message names its pid).
+    """
+    with _claim(workspace):
+        _serve(workspace, config)
+
+
+def _serve(workspace: Workspace, config: ServiceConfig) -> None:
     sock = _bind(config.port)
     server, dispatcher, _ = _build(workspace, config)
     port = sock.getsockname()[1]
@@ -209,11 +237,9 @@ def serve_forever(workspace: Workspace, config: ServiceConfig) -> None:
     if dispatcher is not None:
         dispatcher.start()
     logger.info("extension service on %s (pid %d)", url, os.getpid())
-    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         server.run(sockets=[sock])  # type: ignore[attr-defined]
     finally:
-        keeper.stop()
         if dispatcher is not None:
             dispatcher.stop(wait_s=None)
         for name in (INFO_FILE, PID_FILE):
@@ -244,15 +270,12 @@ def start(workspace: Workspace, config: ServiceConfig | None = None, timeout: fl
         ConflictError: it already runs for this workspace. ServerError: it did not come up.
     """
     config = config or ServiceConfig()
-    running = status(workspace)
-    if running is not None:
-        raise ConflictError(f"the extension service already runs for {workspace.home} at {running.url} "
-                            f"(pid {running.pid}); stop it first")
-    workspace.serve_dir.mkdir(parents=True, exist_ok=True)
-    (workspace.serve_dir / INFO_FILE).unlink(missing_ok=True)
+    _refuse_second_writer(workspace)
+    workspace.ensure_dirs()
     cmd = [sys.executable, "-m", "tmu_core.service.server", "--home", str(workspace.home), "--model-store",
            str(workspace.model_store), "--port", str(config.port), "--device", config.worker.device]
-    with open(workspace.serve_dir / LOG_FILE, "ab") as log:
+    log_fd = os.open(workspace.serve_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+    with os.fdopen(log_fd, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -262,12 +285,25 @@ def start(workspace: Workspace, config: ServiceConfig | None = None, timeout: fl
             _wait_health(info.url, max(1.0, deadline - time.monotonic()))
             return info
         if proc.poll() is not None:
+            _refuse_second_writer(workspace)  # it lost a race for the writer lock: say who won
             raise ServerError(f"the extension service exited with {proc.returncode}; see "
                               f"{workspace.serve_dir / LOG_FILE}")
         time.sleep(0.1)
     proc.terminate()
     raise ServerError(f"the extension service did not start within {timeout:.0f}s; see "
                       f"{workspace.serve_dir / LOG_FILE}")
+
+
+def _refuse_second_writer(workspace: Workspace) -> None:
+    """Raise ConflictError, naming the pid, when a service already runs for (or holds the lock of) ``workspace``."""
+    running = status(workspace)
+    if running is not None:
+        raise ConflictError(f"the extension service already runs for {workspace.home} at {running.url} "
+                            f"(pid {running.pid}); stop it first")
+    holder = current_holder(writer_lock_path(workspace))
+    if holder is not None:
+        raise ConflictError(f"workspace {workspace.home} already has a writer: {holder.describe()} holds "
+                            f"{writer_lock_path(workspace)}; stop it first (tmu-admin extension stop)")
 
 
 def stop(workspace: Workspace, timeout: float = 20.0) -> bool:
@@ -292,7 +328,8 @@ def stop(workspace: Workspace, timeout: float = 20.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Foreground entry point of the background process."""
+    """Foreground entry point of the background process; exits 3 when the workspace already has a writer."""
+    use_private_umask()
     parser = argparse.ArgumentParser(prog="python -m tmu_core.service.server")
     parser.add_argument("--home", required=True, type=Path)
     parser.add_argument("--model-store", required=True, type=Path)
@@ -301,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     workspace = Workspace(home=args.home, model_store=args.model_store)
-    serve_forever(workspace, ServiceConfig(port=args.port, worker=WorkerSettings(device=args.device)))
+    try:
+        serve_forever(workspace, ServiceConfig(port=args.port, worker=WorkerSettings(device=args.device)))
+    except ConflictError as err:
+        logger.error("not started: %s", err)
+        return 3
     return 0
 
 

@@ -15,18 +15,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tmu_core.config import make_private, secure_mkdir
+
 BUSY_TIMEOUT_S = 30.0
 
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open ``path`` (creating its folder) in WAL mode with rows addressable by column name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    secure_mkdir(path.parent)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):  # owner-only: jobs, versions, audit log
+        make_private(name)
     return conn
 
 
