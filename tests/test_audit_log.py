@@ -1,15 +1,17 @@
-"""The hash-chained audit log on a real SQLite file, including tampering with sqlite3 directly."""
+"""The hash-chained audit log on a real SQLite file, including tampering with sqlite3 directly, and its keyed ids."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from tmu_core.errors import InvalidInputError
-from tmu_core.state.audit import GENESIS, AuditLog, chain_hash, hash_id
+from tmu_core.state.audit import GENESIS, AuditLog, chain_hash
+from tmu_core.state.secret import keyed_id, load_or_create_secret
 
 
 def _log_with_three(tmp_path: Path) -> AuditLog:
@@ -28,7 +30,7 @@ def test_chain_links_and_hashes(tmp_path: Path) -> None:
     for prev, cur in zip(records, records[1:]):
         assert cur.prev_hash == prev.hash
     assert records[0].hash == chain_hash(GENESIS, records[0].body())
-    assert records[0].sample_hashes == sorted(hashlib.sha256(s.encode()).hexdigest() for s in ("s1", "s2"))
+    assert records[0].sample_hashes == sorted(log.id_hash(s) for s in ("s1", "s2"))
     verdict = log.verify()
     assert verdict.ok and verdict.records == 3 and verdict.broken_seq is None
 
@@ -39,7 +41,7 @@ def test_no_raw_ids_stored(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite*"))
     assert b"secret-sample" not in raw
     assert log.contains_sample("owner7/secret-sample") == [1]
-    assert hash_id("owner7/secret-sample").encode() in raw
+    assert log.id_hash("owner7/secret-sample").encode() in raw
 
 
 def test_triggers_refuse_update_and_delete(tmp_path: Path) -> None:
@@ -87,3 +89,40 @@ def test_rehashed_edit_still_breaks_next_link(tmp_path: Path) -> None:
 def test_unknown_kind_rejected(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="forget, swap, rollback, purge"):
         AuditLog(tmp_path / "state.sqlite").append("delete", "m", {})
+
+
+def _sha256(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def test_stored_ids_are_keyed_not_plain_sha256(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "state.sqlite")
+    ids = ["train/cat/0001", "train/cat/0002", "alice@example.com/photo-3"]
+    log.append("forget", "m", {"from": 1, "to": 2}, ["fj-a"], ids)
+    stored = log.records()[0].sample_hashes
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite*"))
+    secret = load_or_create_secret(tmp_path / "secret.key")
+    for sample_id in ids:
+        assert _sha256(sample_id) not in stored and _sha256(sample_id).encode() not in raw
+        expected = hmac.new(secret, sample_id.encode("utf-8"), hashlib.sha256).hexdigest()
+        assert keyed_id(secret, sample_id) == expected == log.id_hash(sample_id) and expected in stored
+        assert log.contains_sample(sample_id) == [1]
+    assert log.contains_sample("train/cat/0003") == []
+
+
+def test_another_secret_does_not_find_the_ids(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "state.sqlite")
+    log.append("forget", "m", {"to": 2}, ["fj-a"], ["train/cat/0001"])
+    other = AuditLog(tmp_path / "state.sqlite", secret_path=tmp_path / "elsewhere" / "secret.key")
+    assert other.contains_sample("train/cat/0001") == [] and log.contains_sample("train/cat/0001") == [1]
+
+
+def test_owner_ids_are_stored_keyed(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "state.sqlite")
+    owners = ["alice@example.com", "bob@example.com"]
+    log.append("forget", "m", {"to": 2}, ["fj-a"], ["train/cat/0001"], {"owners": sorted(map(log.id_hash, owners))})
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite*"))
+    stored = log.records()[0].details["owners"]
+    for owner in owners:
+        assert owner.encode() not in raw and _sha256(owner).encode() not in raw and _sha256(owner) not in stored
+        assert log.id_hash(owner) in stored

@@ -143,28 +143,6 @@ def rollback(workspace: Workspace, model: str, to_version: int, undo_forgets: bo
         echo_json(_client(workspace).rollback(model, to_version, undo_forgets))
 
 
-@cli.command("audit")
-@click.option("--verify", is_flag=True, help="Walk the hash chain and report the first broken record.")
-@click.option("--model", default=None, help="Only this model's records.")
-@click.pass_obj
-def audit(workspace: Workspace, verify: bool, model: str | None) -> None:
-    """Print the audit log (one JSON record per line), or check its hash chain with --verify."""
-    from tmu_core.state.audit import AuditLog
-
-    with tmu_errors():
-        log = AuditLog(workspace.state_db)
-        if verify:
-            verdict = log.verify()
-            if not verdict.ok:
-                raise click.ClickException(f"audit log broken at record {verdict.broken_seq}: {verdict.reason}")
-            click.echo(f"audit log OK: {verdict.records} records, hash chain intact")
-            return
-        for record in log.records(model=model):
-            row = {**record.body(), "samples": len(record.sample_hashes), "hash": record.hash}
-            row.pop("sample_hashes")
-            click.echo(json.dumps(row, sort_keys=True))
-
-
 @cli.command("purge")
 @click.option("--older-than", default="7d", show_default=True,
               help="Retention: purge versions superseded longer ago than this (s, m, h, d, w).")

@@ -44,18 +44,13 @@ def finish_commit(workspace: Workspace, job: Job) -> None:
                                 metrics=result.get("metrics", {}), state="serving", conn=conn)
         audit.append("forget", model, {"from": source, "to": target}, requests, ids,
                      {"method": result.get("method"), "metrics": result.get("metrics"),
-                      "owners_sha256": _owner_hashes(job), "already_forgotten": len(job.already_forgotten)},
+                      "owner_hashes": sorted(map(audit.id_hash, job.owner_ids)),
+                      "already_forgotten": len(job.already_forgotten)},
                      conn=conn)
         audit.append("swap", model, {"from": source, "to": target}, requests, (),
                      {"timings": result.get("timings"), "unregistered": source}, conn=conn)
         jobs.finish(job.id, "succeeded", reason=job.reason, result=result, conn=conn)
     logger.info("job=%s committed: model=%s v%s -> v%s", job.id, model, source, target)
-
-
-def _owner_hashes(job: Job) -> list[str]:
-    from tmu_core.state.audit import hash_id
-
-    return sorted(hash_id(owner) for owner in job.owner_ids)
 
 
 def index_committed(workspace: Workspace, job: Job) -> bool:
