@@ -38,10 +38,10 @@ def test_failed_step_is_undone_and_reported(workspace) -> None:
     store = JobStore(workspace.state_db)
     job = store.submit("m", ["train/a/0000", "train/a/0001"], options={"method": "tmu", **FAST_TMU})
     store.claim_next("m")
-    done = run_job(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
+    done = run_job(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False, max_attempts=1))
     assert done.state == "failed"
     assert done.reason.startswith("step 'register' failed: no TorchServe config")
-    assert "undoing it failed too" in done.reason
+    assert "undoing it failed too" in done.reason and "(attempt 1 of 1, the last)" in done.reason
     assert [s["step"] for s in done.steps] == ["load", "unlearn", "evaluate", "save", "package", "register"]
     assert done.from_version == 1 and done.to_version == 2
     assert not workspace.archive_path("m", 2).exists() and not workspace.version_dir("m", 2).exists()
@@ -50,6 +50,20 @@ def test_failed_step_is_undone_and_reported(workspace) -> None:
         assert not index.is_forgotten("train/a/0000")
     assert AuditLog(workspace.state_db).records() == []
     assert VersionRegistry(workspace.state_db).serving("m").version == 1
+
+
+def test_a_job_that_fails_before_its_commit_is_queued_again(workspace) -> None:
+    """An accepted request must not be lost to a passing failure: the job is undone and queued again."""
+    store = JobStore(workspace.state_db)
+    job = store.submit("m", ["train/a/0002"], options={"method": "tmu", **FAST_TMU})
+    store.claim_next("m")
+    again = run_job(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False, max_attempts=3))
+    assert again.state == "queued" and again.attempts == 1 and again.not_before > again.created_at
+    assert again.steps[-1]["step"] == "requeued" and "no TorchServe config" in again.steps[-1]["reason"]
+    assert store.claim_next("m") is None  # not before its back-off has passed
+    assert not workspace.archive_path("m", again.to_version).exists()
+    assert VersionRegistry(workspace.state_db).serving("m").version == 1
+    store.finish(job.id, "failed", reason="test cleanup")
 
 
 def test_restart_fails_orphaned_job_and_runs_queued_one(workspace) -> None:
@@ -63,7 +77,7 @@ def test_restart_fails_orphaned_job_and_runs_queued_one(workspace) -> None:
     (leftover / "checkpoint.pt").write_bytes(b"half-written")
     queued = store.submit("m", ["train/b/0001"])
 
-    dispatcher = Dispatcher(workspace, WorkerSettings(device="cpu", kill_at="load", poll_s=0.1))
+    dispatcher = Dispatcher(workspace, WorkerSettings(device="cpu", kill_at="load", poll_s=0.1, max_attempts=1))
     dispatcher.start()
     try:
         failed = store.get(orphan.id)

@@ -10,12 +10,13 @@ import pytest
 from test_service_support import make_workspace, record_fake_version
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
 from tmu_core.state.audit import AuditLog
+from tmu_core.state.db import write_tx
 from tmu_core.state.jobs import JobStore
 from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.rollback import parse_duration, purge, rollback, undone_forgets
 
 
-def _derived(workspace, model: str, version: int, parent: int, request: str):
+def _derived(workspace, model: str, version: int, parent: int, request: str, members: list[str]):
     folder = workspace.version_dir(model, version)
     folder.mkdir(parents=True)
     archive = workspace.archive_path(model, version)
@@ -23,21 +24,26 @@ def _derived(workspace, model: str, version: int, parent: int, request: str):
     (folder / "checkpoint.pt").write_bytes(b"ckpt%d" % version)
     (folder / "artifacts").mkdir()
     (folder / "report.json").write_text("{}")
-    return VersionRegistry(workspace.state_db).record_version(
-        model, version, archive, folder / "checkpoint.pt", None, parent=parent, forget_request=request, metrics={})
+    registry = VersionRegistry(workspace.state_db)
+    record = registry.record_version(model, version, archive, folder / "checkpoint.pt", None, parent=parent,
+                                     forget_request=request, metrics={}, members=members)
+    with write_tx(workspace.state_db) as conn:
+        previous = registry.members(model, parent)
+        registry.membership.mark_forgotten(conn, model, previous - set(members), request)
+    return record
 
 
 @pytest.fixture()
 def chain(tmp_path: Path):
-    """v1 (original) -> v2 (forget fj-a) -> v3 (forget fj-b); v3 serves."""
+    """v1 (trained on s1..s4) -> v2 (forget fj-a: s1) -> v3 (forget fj-b: s2); v3 serves."""
     workspace = make_workspace(tmp_path)
-    record_fake_version(workspace, "m", 1)
-    _derived(workspace, "m", 2, 1, "fj-a")
-    _derived(workspace, "m", 3, 2, "fj-b")
+    record_fake_version(workspace, "m", 1, members=["s1", "s2", "s3", "s4"])
+    _derived(workspace, "m", 2, 1, "fj-a", ["s2", "s3", "s4"])
+    _derived(workspace, "m", 3, 2, "fj-b", ["s3", "s4"])
     return workspace
 
 
-def test_undone_forgets_follow_lineage(chain) -> None:
+def test_undone_forgets_follow_membership(chain) -> None:
     registry = VersionRegistry(chain.state_db)
     assert undone_forgets(registry, "m", 1) == ["fj-a", "fj-b"]
     assert undone_forgets(registry, "m", 2) == ["fj-b"]
@@ -45,7 +51,8 @@ def test_undone_forgets_follow_lineage(chain) -> None:
 
 
 def test_rollback_past_forgets_refused_and_nothing_changes(chain) -> None:
-    with pytest.raises(ConflictError, match=r"2 forget request\(s\): fj-a, fj-b; pass undo_forgets"):
+    with pytest.raises(ConflictError, match=r"2 sample\(s\) forgotten by 2 forget request\(s\): fj-a, fj-b; "
+                                            "pass undo_forgets"):
         rollback(chain, "m", 1)
     with pytest.raises(ConflictError, match="already serves version 3"):
         rollback(chain, "m", 3)
@@ -69,22 +76,23 @@ def test_rollback_to_a_purged_version_refused(chain) -> None:
         rollback(chain, "m", 1, undo_forgets=True)
 
 
-def test_purge_only_superseded_and_old_enough(chain) -> None:
+def test_purge_takes_superseded_and_rolled_back_versions_that_hold_forgotten_samples(chain) -> None:
     registry = VersionRegistry(chain.state_db)
     registry.set_state("m", 2, "rolled_back")
     assert purge(chain, timedelta(days=7)).purged == []
     future = datetime.now(timezone.utc) + timedelta(days=8)
     dry = purge(chain, timedelta(days=7), dry_run=True, now=future)
-    assert [p["version"] for p in dry.purged] == [1] and dry.dry_run
+    assert [p["version"] for p in dry.purged] == [1, 2] and dry.dry_run
     assert chain.archive_path("m", 1).exists()
     done = purge(chain, timedelta(days=7), now=future)
-    assert [p["version"] for p in done.purged] == [1]
-    assert not chain.archive_path("m", 1).exists()
+    assert [p["version"] for p in done.purged] == [1, 2]
+    assert not chain.archive_path("m", 1).exists() and not chain.archive_path("m", 2).exists()
     assert not (chain.version_dir("m", 1) / "checkpoint.pt").exists()
-    assert [r.state for r in registry.versions("m")] == ["purged", "rolled_back", "serving"]
-    assert chain.archive_path("m", 3).exists() and chain.archive_path("m", 2).exists()
+    assert [r.state for r in registry.versions("m")] == ["purged", "purged", "serving"]
+    assert chain.archive_path("m", 3).exists()
+    assert registry.members("m", 1) == set()  # a purged version's membership is dropped
     records = AuditLog(chain.state_db).records(kind="purge")
-    assert len(records) == 1 and records[0].versions == {"purged": 1}
+    assert [r.versions for r in records] == [{"purged": 1}, {"purged": 2}]
     assert AuditLog(chain.state_db).verify().ok
     assert purge(chain, timedelta(0), now=future).purged == []
 

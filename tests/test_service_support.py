@@ -72,7 +72,8 @@ def make_index(workspace: Workspace, tmp_path: Path, train: int = 12, test: int 
     return ingest_image_folder(tree, workspace.index_dir, owners=owners_of(train_ids))
 
 
-def record_fake_version(workspace: Workspace, model: str = "m", version: int = 1) -> VersionRecord:
+def record_fake_version(workspace: Workspace, model: str = "m", version: int = 1,
+                        members: list[str] | None = None) -> VersionRecord:
     """A registry row whose files are placeholders (for tests that never load or serve the model)."""
     folder = workspace.version_dir(model, version)
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,24 +82,28 @@ def record_fake_version(workspace: Workspace, model: str = "m", version: int = 1
     archive.write_bytes(b"mar")
     (folder / "checkpoint.pt").write_bytes(b"ckpt")
     return VersionRegistry(workspace.state_db).record_version(
-        model, version, archive, folder / "checkpoint.pt", None, parent=None, forget_request=None, metrics={})
+        model, version, archive, folder / "checkpoint.pt", None, parent=None, forget_request=None, metrics={},
+        members=members)
 
 
-def make_v1(workspace: Workspace, model: str = "m", epochs: int = 8) -> VersionRecord:
-    """Train small_cnn on the whole index, package it as v1 (ONNX backend) and record it."""
+def make_v1(workspace: Workspace, model: str = "m", epochs: int = 8,
+            trained_on: list[str] | None = None) -> VersionRecord:
+    """Train small_cnn on the whole index (or on ``trained_on``), package it as v1 (ONNX backend) and record it
+    with its training membership."""
     from tmu_core.index import TrainingIndex
     from tmu_core.serving import package_version
     from tmu_core.train import TrainConfig, save_checkpoint, train_model
 
     with TrainingIndex.open(workspace.index_dir) as index:
         cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, augment=False, seed=0, amp=False)
-        result = train_model(index, index.ids("train"), "small_cnn", cfg, "cpu")
-    staged = workspace.home / "staged" / "checkpoint.pt"
+        train_ids = index.ids("train") if trained_on is None else sorted(trained_on)
+        result = train_model(index, train_ids, "small_cnn", cfg, "cpu")
+    staged = workspace.home / "staged" / model / "checkpoint.pt"
     save_checkpoint(staged, result.model, result.meta)
     package = package_version(staged, workspace, model, 1, backend="onnx", batch_size=4, max_batch_delay=5)
     return VersionRegistry(workspace.state_db).record_version(
         model, 1, package.archive, package.checkpoint, package.onnx, parent=None, forget_request=None,
-        metrics={"train_accuracy": result.history.train_acc[-1]})
+        metrics={"train_accuracy": result.history.train_acc[-1]}, members=train_ids)
 
 
 def torchserve_config(model_store: Path):

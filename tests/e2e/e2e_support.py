@@ -11,20 +11,31 @@ from tmu_core.state.jobs import JobStore
 from tmu_core.state.versions import VersionRegistry
 
 
-def run_dispatched(workspace, job_id: str, kill_at: str | None = None, timeout: float = 180.0):
+def run_dispatched(workspace, job_id: str, kill_at: str | None = None, timeout: float = 180.0,
+                   max_attempts: int = 5):
     """Run the queue with a dispatcher (worker processes) until ``job_id`` is done; return the job."""
-    dispatcher = Dispatcher(workspace, WorkerSettings(device="cpu", kill_at=kill_at, poll_s=0.2))
+    settings = WorkerSettings(device="cpu", kill_at=kill_at, poll_s=0.2, max_attempts=max_attempts,
+                              resume_delay_s=0.5)
+    dispatcher = Dispatcher(workspace, settings)
     dispatcher.start()
     jobs = JobStore(workspace.state_db)
     deadline = time.monotonic() + timeout
     try:
-        while not jobs.get(job_id).done:
+        while not jobs.get(job_id).done or _wipe_pending(workspace, jobs.get(job_id)):
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} not done after {timeout}s: {jobs.get(job_id)}")
             time.sleep(0.2)
     finally:
         dispatcher.stop(wait_s=120)
     return jobs.get(job_id)
+
+
+def _wipe_pending(workspace, job) -> bool:
+    """A succeeded job's samples still wait for the dispatcher to wipe them."""
+    from tmu_core.state.requests import RequestStore
+
+    return job.state == "succeeded" and bool(set(RequestStore(workspace.state_db).pending_wipe()) &
+                                             set(job.sample_ids))
 
 
 def assert_serving(workspace, server, version: int) -> None:
@@ -39,3 +50,20 @@ def audit_kinds(workspace) -> list[str]:
     log = AuditLog(workspace.state_db)
     assert log.verify().ok
     return [r.kind for r in log.records()]
+
+
+def wait_wiped(workspace, sample_ids: list[str], timeout: float = 30.0) -> None:
+    """Wait until the dispatcher wiped every one of ``sample_ids`` from the index (and nothing is queued)."""
+    from tmu_core.index import TrainingIndex
+    from tmu_core.state.requests import RequestStore
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with TrainingIndex.open(workspace.index_dir) as index:
+            gone = all(index.is_forgotten(s) for s in sample_ids)
+        queued = set(RequestStore(workspace.state_db).pending_wipe()) & set(sample_ids)
+        if gone and not queued:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"samples not wiped after {timeout}s: still queued {sorted(queued)}")
+        time.sleep(0.2)

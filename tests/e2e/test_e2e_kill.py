@@ -1,65 +1,98 @@
 """Kill the job worker at the start of each pipeline step (``--kill-at``) against one real TorchServe.
 
-After each kill the dispatcher recovers the job: it is marked failed with the step, v1 still serves (registry,
-TorchServe default, no other version registered), the index still holds the samples, the audit log has no new
-record and verifies, and no v2 file is left. Killed right after the index deletion, the job is finished instead.
+Before the commit, a kill is undone: with one attempt allowed the job fails, and what serves (registry,
+TorchServe default, registered versions), the index, the audit log and the files are as they were; with attempts
+left, the job runs again and succeeds. After the commit, a kill never goes back: a new worker resumes the job at
+its step and finishes it, and the forgotten samples' pixels are wiped.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from e2e_support import assert_serving, audit_kinds, run_dispatched
+from e2e_support import assert_serving, audit_kinds, run_dispatched, wait_wiped
 from test_service_support import FAST_TMU
+from tmu_core.forget.commit import FORWARD_STEPS
+from tmu_core.forget.intake import ForgetRequest
+from tmu_core.forget.submit import submit_request
 from tmu_core.index import TrainingIndex
-from tmu_core.state.jobs import JobStore
-from tmu_core.forget.pipeline import STEPS
-from tmu_core.state.versions import VersionRegistry
+from tmu_core.state.store import StateStore
 
 pytestmark = pytest.mark.integration
 
+# Each step before the commit has its case; those whose undo is the same as a neighbour's (nothing in
+# TorchServe yet, like "package") run with the long suite (-m integration_slow).
+_SAME_UNDO_AS_NEIGHBOUR = ("load", "unlearn", "evaluate", "save")
+_BEFORE = [pytest.param(step, marks=pytest.mark.integration_slow) if step in _SAME_UNDO_AS_NEIGHBOUR else step
+           for step in ("load", "unlearn", "evaluate", "save", "package", "register", "commit")]
 
-def _owner_samples(workspace, owner: str) -> list[str]:
+
+def _ask(workspace, owner: str) -> tuple[str, list[str]]:
+    """Forget one owner from model m through the service's own intake; returns (job id, its samples)."""
+    answer, created = submit_request(workspace, StateStore.open(workspace),
+                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
+    assert created, answer
     with TrainingIndex.open(workspace.index_dir) as index:
-        return index.ids_for_owners([owner])
+        return answer["job_id"], index.ids_for_owners([owner])
 
 
-# Each step has its case; those whose undo path is the same as a neighbour's (nothing in TorchServe yet, like
-# "package"; or both versions registered, like "set_default") run with the long suite (-m integration_slow).
-_SAME_UNDO_AS_NEIGHBOUR = ("load", "unlearn", "evaluate", "save", "drain")
-_CASES = [pytest.param(step, marks=pytest.mark.integration_slow) if step in _SAME_UNDO_AS_NEIGHBOUR else step
-          for step in STEPS]
+def _snapshot(workspace) -> tuple[int, list[tuple[int, str]]]:
+    store = StateStore.open(workspace)
+    return len(store.audit.records()), [(v.version, v.state) for v in store.versions.versions("m")]
 
 
-@pytest.mark.parametrize("step", _CASES)
-def test_killed_worker_changes_nothing(served, step: str) -> None:
+@pytest.mark.parametrize("step", _BEFORE)
+def test_killed_before_the_commit_changes_nothing(served, step: str) -> None:
     workspace, server = served
-    owner = f"owner-{'abcd'[STEPS.index(step) % 4]}-{STEPS.index(step) // 4}"
-    samples = _owner_samples(workspace, owner)
-    job = JobStore(workspace.state_db).submit("m", samples, owner_ids=[owner], options={"method": "tmu", **FAST_TMU})
-    done = run_dispatched(workspace, job.id, kill_at=step)
+    owner = {"load": "owner-a-0", "unlearn": "owner-b-0", "evaluate": "owner-c-0", "save": "owner-d-0",
+             "package": "owner-a-1", "register": "owner-b-1", "commit": "owner-c-1"}[step]
+    serving = StateStore.open(workspace).versions.require_serving("m").version
+    before = _snapshot(workspace)
+    job_id, samples = _ask(workspace, owner)
+    done = run_dispatched(workspace, job_id, kill_at=step, max_attempts=1)
 
     assert done.state == "failed"
     assert f"exited with code 9 during step '{step}'" in done.reason and "no change was committed" in done.reason
-    assert_serving(workspace, server, 1)
+    assert_serving(workspace, server, serving)
     with TrainingIndex.open(workspace.index_dir) as index:
         assert not any(index.is_forgotten(s) for s in samples)
-    assert audit_kinds(workspace) == []
-    assert not workspace.archive_path("m", 2).exists()
-    assert not workspace.version_dir("m", 2).exists()
-    assert [r.version for r in VersionRegistry(workspace.state_db).versions("m")] == [1]
+    assert _snapshot(workspace) == before and audit_kinds(workspace) is not None
+    if done.to_version is not None:
+        assert not workspace.archive_path("m", done.to_version).exists()
+        assert not workspace.version_dir("m", done.to_version).exists()
 
 
-def test_killed_after_index_deletion_is_finished(served) -> None:
+def test_killed_before_the_commit_runs_again_and_succeeds(served) -> None:
     workspace, server = served
-    samples = _owner_samples(workspace, "owner-d-3")
-    job = JobStore(workspace.state_db).submit("m", samples, owner_ids=["owner-d-3"],
-                                              options={"method": "tmu", **FAST_TMU})
-    done = run_dispatched(workspace, job.id, kill_at="commit.index_done")
+    serving = StateStore.open(workspace).versions.require_serving("m").version
+    job_id, samples = _ask(workspace, "owner-d-1")
+    done = run_dispatched(workspace, job_id, kill_at="register")
 
-    assert done.state == "succeeded" and "recovery recorded the new version" in done.reason
-    assert_serving(workspace, server, 2)
-    with TrainingIndex.open(workspace.index_dir) as index:
-        assert all(index.tombstone(s).request_id == job.id for s in samples)
-    assert audit_kinds(workspace) == ["forget", "swap"]
-    assert VersionRegistry(workspace.state_db).get("m", 2).forget_request == job.id
+    assert done.state == "succeeded" and done.attempts == 1
+    requeued = [s for s in done.steps if s["step"] == "requeued"]
+    assert len(requeued) == 1 and "exited with code 9 during step 'register'" in requeued[0]["reason"]
+    assert_serving(workspace, server, done.to_version)
+    assert done.to_version > serving
+    wait_wiped(workspace, samples)
+
+
+@pytest.mark.parametrize("step", FORWARD_STEPS)
+def test_killed_after_the_commit_is_resumed_and_finished(served, step: str) -> None:
+    workspace, server = served
+    owner = {"set_default": "owner-a-2", "drain": "owner-b-2", "unregister_old": "owner-c-2",
+             "cleanup": "owner-d-2"}[step]
+    store = StateStore.open(workspace)
+    source = store.versions.require_serving("m").version
+    job_id, samples = _ask(workspace, owner)
+    done = run_dispatched(workspace, job_id, kill_at=step)
+
+    assert done.state == "succeeded", done.reason
+    assert done.attempts == 0 and "requeued" not in [s["step"] for s in done.steps]
+    assert_serving(workspace, server, done.to_version)
+    assert store.versions.get("m", source).state in ("superseded", "purged")
+    assert not store.versions.members("m", done.to_version) & set(samples)
+    assert set(samples) <= store.versions.forgotten("m")
+    assert not (workspace.version_dir("m", source) / "artifacts").exists()
+    wait_wiped(workspace, samples)
+    kinds = audit_kinds(workspace)
+    assert kinds.count("forget") >= 1 and kinds[-1] == "wipe"

@@ -11,8 +11,7 @@ import click
 from tmu_core.cli import cli
 from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace
-from tmu_core.errors import ConflictError
-from tmu_core.serving.archive import PackageResult, package_version
+from tmu_core.serving.archive import package_version
 from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import status as extension_status
 from tmu_core.service.stack import start_stack, stop_stack
@@ -35,31 +34,24 @@ logger = logging.getLogger(__name__)
               help="Milliseconds TorchServe waits to fill a batch.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes per answer (capped at the number of classes).")
+@click.option("--trained-on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="File of the sample ids CHECKPOINT was trained on, one a line (default: the index's whole "
+                   "training split, checked against the checkpoint's fingerprint).")
 @click.pass_obj
 def package(workspace: Workspace, checkpoint: Path, model_name: str, version: int | None, backend: str,
-            batch_size: int, max_batch_delay: int, top_k: int) -> None:
+            batch_size: int, max_batch_delay: int, top_k: int, trained_on: Path | None) -> None:
     """Export CHECKPOINT to ONNX, check it, and write <model_store>/<model>-v<N>.mar."""
+    from tmu_core.service.publish import read_manifest, record_package, training_ids
+
     with tmu_errors():
-        registry = VersionRegistry(workspace.state_db)
-        if version is None:
-            version = registry.next_version(model_name)
-        elif any(r.version == version for r in registry.versions(model_name)):
-            raise ConflictError(f"model {model_name!r} already has a recorded version {version}; the next free "
-                                f"one is {registry.next_version(model_name)}")
+        members = training_ids(workspace, checkpoint, read_manifest(trained_on) if trained_on else None)
+        version = VersionRegistry(workspace.state_db).reserve(model_name, "package", version)
         result = package_version(checkpoint, workspace, model_name, version, backend=backend,
                                  batch_size=batch_size, max_batch_delay=max_batch_delay, top_k=top_k)
-        _record(registry, result)
+        record_package(workspace, result, members)
     echo_json({"model": result.model, "version": result.version, "archive": str(result.archive),
                "checkpoint": str(result.checkpoint), "onnx": str(result.onnx), "sha256": result.sha256s,
                "onnx_max_abs_diff": result.onnx_check.max_abs_diff})
-
-
-def _record(registry: VersionRegistry, result: PackageResult) -> None:
-    # The first version of a model is the one to serve; a later one waits for a swap (forget job, rollback).
-    state = "serving" if registry.serving(result.model) is None else "superseded"
-    registry.record_version(result.model, result.version, result.archive, result.checkpoint, result.onnx,
-                            parent=None, forget_request=None,
-                            metrics={"onnx_max_abs_diff": result.onnx_check.max_abs_diff}, state=state)
 
 
 def _server(workspace: Workspace, config_path: Path | None = None) -> TorchServe:

@@ -41,12 +41,14 @@ class DataPlan:
     eval_ids: tuple[str, ...]
 
 
-def plan_data(index: Any, twin_fraction: float, seed: int) -> DataPlan:
-    """Split the live index: all live training ids; the test split halved (per class, seeded) into twin/eval."""
+def plan_data(index: Any, twin_fraction: float, seed: int, train_ids: Any = None) -> DataPlan:
+    """The version's training ids (``train_ids``; every live training id when None) and the live test split
+    halved (per class, seeded) into twin/eval."""
     from tmu_core.evaluate.splits import split_test
 
     split = split_test(index, twin_fraction, seed)
-    return DataPlan(tuple(index.ids("train")), split.twin_ids, split.eval_ids)
+    train = tuple(sorted(train_ids)) if train_ids is not None else tuple(index.ids("train"))
+    return DataPlan(train, split.twin_ids, split.eval_ids)
 
 
 def artifacts_dir(workspace: Workspace, model: str, version: int) -> Path:
@@ -55,11 +57,15 @@ def artifacts_dir(workspace: Workspace, model: str, version: int) -> Path:
 
 
 @contextlib.contextmanager
-def artifacts_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (created if missing) for the block."""
+def artifacts_lock(folder: Path, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block.
+
+    Raises:
+        BlockingIOError: ``blocking`` is False and another process holds the lock.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_NAME, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:
@@ -112,5 +118,5 @@ def prepare_version(workspace: Workspace, model: str, version: int | None = None
     target = resolve_device(device)
     net, meta = load_checkpoint(record.checkpoint, target)
     with TrainingIndex.open(workspace.index_dir) as index:
-        plan = plan_data(index, twin_fraction, seed)
+        plan = plan_data(index, twin_fraction, seed, registry.members(model, record.version))
         return prepare(chosen, net, meta, index, plan, target, artifacts_dir(workspace, model, record.version))

@@ -2,9 +2,12 @@
 
 Each job runs in its own worker process (``python -m tmu_core.forget.worker``), so the HTTP API stays responsive
 and a crash in the job cannot take the service down. When a worker exits while its job is still ``running`` (it
-was killed, or died), the dispatcher undoes the job's uncommitted changes and marks it failed with the reason.
-At start it does the same for jobs left ``running`` by a worker that died while the service was down, and adopts
-workers that still run.
+was killed, or died), the dispatcher looks at how far it got: before its commit, the job's changes are undone and
+it is queued again (failed after its last attempt); after its commit, a new worker resumes it at its step, since
+such a job can only be finished. At start it does the same for jobs left ``running`` by a worker that died while
+the service was down, and adopts workers that still run. On every pass it also wipes the pixels of forgotten
+samples that no model needs any more (:mod:`tmu_core.forget.wipe`) and, on a schedule, purges the files of
+versions that hold forgotten samples once their retention has passed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmu_core.config import Workspace
+from tmu_core.service.swap import SwapSettings
 from tmu_core.state.jobs import Job, JobStore
 
 logger = logging.getLogger(__name__)
@@ -30,15 +34,24 @@ class WorkerSettings:
 
     Attributes:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; passed to each worker.
-        kill_at: test-only hook: the worker exits with code 9 at the start of this pipeline step.
+        kill_at: test-only hook: the worker exits with code 9 at the start of this step of a job's first attempt.
         poll_s: how often the dispatcher looks for finished workers and queued jobs.
         python: the interpreter that runs workers.
+        retention_s: how long a superseded version's archive, checkpoint and ONNX copy are kept once it holds
+            forgotten samples (0: deleted when the forget job finishes).
+        max_attempts: tries of a job that fails before its commit.
+        resume_delay_s: wait before a worker resumes a job that stopped after its commit.
+        purge_every_s: how often versions past their retention are purged.
     """
 
     device: str = "auto"
     kill_at: str | None = None
     poll_s: float = 0.5
     python: str = sys.executable
+    retention_s: float = 0.0
+    max_attempts: int = 5
+    resume_delay_s: float = 2.0
+    purge_every_s: float = 60.0
 
 
 def worker_log(workspace: Workspace, job_id: str) -> Path:
@@ -49,7 +62,8 @@ def worker_log(workspace: Workspace, job_id: str) -> Path:
 def worker_command(workspace: Workspace, job_id: str, settings: WorkerSettings) -> list[str]:
     """The command line of one job's worker."""
     cmd = [settings.python, "-m", "tmu_core.forget.worker", "--job", job_id, "--home", str(workspace.home),
-           "--model-store", str(workspace.model_store), "--device", settings.device]
+           "--model-store", str(workspace.model_store), "--device", settings.device,
+           "--retention-s", str(settings.retention_s), "--max-attempts", str(settings.max_attempts)]
     if settings.kill_at:
         cmd += ["--kill-at", settings.kill_at]
     return cmd
@@ -111,6 +125,9 @@ class Dispatcher:
         self.settings = settings or WorkerSettings()
         self.jobs = JobStore(workspace.state_db)
         self._procs: dict[str, object] = {}
+        self._resume_at: dict[str, float] = {}
+        self._purged_at = 0.0
+        self._orphans_due = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,7 +172,7 @@ class Dispatcher:
     def recover_orphans(self) -> None:
         """Adopt live workers of ``running`` jobs; recover the jobs whose worker is gone."""
         for job in self.jobs.list(state="running", limit=10_000):
-            if job.merged_into is not None or job.id in self._procs:
+            if job.merged_into is not None or job.id in self._procs or job.id in self._resume_at:
                 continue
             if pid_runs_job(job.worker_pid, job.id):
                 logger.info("adopting live worker pid=%s of job=%s", job.worker_pid, job.id)
@@ -167,7 +184,12 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 self._reap()
+                if self._orphans_due:
+                    self._orphans_due = False
+                    self.recover_orphans()
+                self._start_resumes()
                 self._start_queued()
+                self._housekeeping()
             except Exception:  # the thread must survive a bad job; the error is in the log
                 logger.exception("dispatcher pass failed")
             self._wake.wait(self.settings.poll_s)
@@ -185,6 +207,28 @@ class Dispatcher:
             except OSError as err:
                 logger.exception("cannot start a worker for job=%s", job.id)
                 self.jobs.finish(job.id, "failed", reason=f"the worker process could not be started: {err}")
+
+    def _start_resumes(self) -> None:
+        now = time.monotonic()
+        for job_id, due in list(self._resume_at.items()):
+            if due > now or job_id in self._procs or self._stop.is_set():
+                continue
+            del self._resume_at[job_id]
+            job = self.jobs.get(job_id)
+            if job.state == "running":
+                logger.info("resuming job=%s at step %s", job_id, job.step)
+                self._spawn(job)
+
+    def _housekeeping(self) -> None:
+        """Wipe what no model needs any more; purge versions past their retention (on a schedule)."""
+        from tmu_core.forget.wipe import sweep
+
+        sweep(self.workspace)
+        if time.monotonic() - self._purged_at >= self.settings.purge_every_s:
+            from tmu_core.service.rollback import purge_due
+
+            purge_due(self.workspace, self.settings.retention_s)
+            self._purged_at = time.monotonic()
 
     def _spawn(self, job: Job) -> None:
         log_path = worker_log(self.workspace, job.id)
@@ -211,11 +255,21 @@ class Dispatcher:
                 logger.info("worker of job=%s exited with code %s (job %s)", job_id, code, job.state)
 
     def _recover(self, job: Job, reason: str) -> None:
-        from tmu_core.forget.commit import recover_job
+        """A job whose worker is gone: resume it after its commit, else undo it and queue it again."""
+        from tmu_core.forget.commit import FORWARD_STEPS, is_committed
+        from tmu_core.forget.undo import fail_or_requeue
+        from tmu_core.state.locks import model_lock
+        from tmu_core.state.store import StateStore
 
-        logger.warning("job=%s model=%s: %s; recovering", job.id, job.model, reason)
+        if job.step in FORWARD_STEPS or is_committed(StateStore.open(self.workspace), job):
+            logger.warning("job=%s model=%s: %s after its commit; resuming it", job.id, job.model, reason)
+            self._resume_at[job.id] = time.monotonic() + self.settings.resume_delay_s
+            return
+        logger.warning("job=%s model=%s: %s; undoing it", job.id, job.model, reason)
         try:
-            recover_job(self.workspace, job, reason)
-        except Exception as err:  # recovery must not kill the dispatcher; say why on the job
-            logger.exception("recovery of job=%s failed", job.id)
-            self.jobs.finish(job.id, "failed", reason=f"{reason}; recovery also failed: {err}")
+            with model_lock(self.workspace, job.model, blocking=True, timeout_s=60.0, holder=f"recovery {job.id}"):
+                fail_or_requeue(self.workspace, self.jobs.get(job.id), reason + "; no change was committed",
+                                SwapSettings(), self.settings.max_attempts)
+        except Exception:  # recovery must not kill the dispatcher; try again on a later pass
+            logger.exception("recovery of job=%s failed; retrying later", job.id)
+            self._orphans_due = True

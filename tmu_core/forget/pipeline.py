@@ -1,40 +1,42 @@
 """The forget pipeline one job worker runs, step by step, each step recorded on the job.
 
-Steps: ``load`` (serving version's checkpoint and prepared artifacts, preparing them if missing) -> ``unlearn``
--> ``evaluate`` (ACC on D_test and D_f, membership attack on D_f) -> ``save`` (checkpoint v(n+1)) -> ``package``
-(.mar + ONNX) -> ``register`` (synchronous) -> ``set_default`` -> ``drain`` v(n) -> ``unregister_old`` ->
-``commit`` (delete from the index, then one transaction: version record, audit records, job succeeded).
-After success the worker prepares v(n+1)'s artifacts (recorded in the job's ``followup``).
+Up to the commit nothing a job does is visible: ``load`` (the serving version, its training membership and its
+prepared artifacts) -> ``unlearn`` -> ``evaluate`` (ACC on D_test and D_f, membership attack on D_f) -> ``save``
+(checkpoint v(n+1)) -> ``package`` (.mar + ONNX) -> ``register`` (v(n+1) loaded in TorchServe, not the default)
+-> ``commit`` (one transaction: v(n+1) is the serving version with its membership, the model has forgotten the
+samples, the audit record). A failure before the commit is undone and the job is queued again (or failed after
+its last attempt). After the commit the job only goes forward (:mod:`tmu_core.forget.commit`). Each step passes
+its typed result to the next.
 
-Nothing is deleted from the index before the new version serves. If a step fails, the worker undoes what the
-job changed in TorchServe and on disk (:func:`tmu_core.forget.undo.undo_uncommitted`) and marks it failed;
-if the worker dies, the dispatcher does the same. Test-only hook: with ``PipelineConfig.kill_at`` (worker flag
-``--kill-at STEP``) the worker calls ``os._exit(9)`` at the start of that step, or, for ``commit.index_done``,
-right after the index deletion.
+Test-only hook: with ``PipelineConfig.kill_at`` (worker flag ``--kill-at STEP``) the worker calls ``os._exit(9)``
+at the start of that step, in the job's first attempt only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
-from tmu_core.forget import commit as recovery
-from tmu_core.forget import undo
-from tmu_core.state.jobs import Job, JobStore
-from tmu_core.state.versions import VersionRegistry
+from tmu_core.forget import commit, undo
+from tmu_core.forget.commit import kill_point
+from tmu_core.forget.retry import RetryPolicy
 from tmu_core.service.swap import SwapSettings
+from tmu_core.state.jobs import Job
+from tmu_core.state.store import StateStore
+from tmu_core.state.versions import VersionRecord
 
 logger = logging.getLogger(__name__)
 
-STEPS = ("load", "unlearn", "evaluate", "save", "package", "register", "set_default", "drain", "unregister_old",
-         "commit")
-KILL_POINTS = STEPS + ("commit.index_done",)
+STEPS = ("load", "unlearn", "evaluate", "save", "package", "register", "commit")
+KILL_POINTS = STEPS + commit.FORWARD_STEPS
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,11 @@ class PipelineConfig:
         mia_alpha: false-positive rate of the membership attack on non-members.
         swap: registration and drain timing.
         prepare_next: prepare the new version's artifacts after the job succeeded.
-        kill_at: test-only: exit with code 9 at this point (one of ``KILL_POINTS``).
+        retention_s: how long a superseded version's archive, checkpoint and ONNX copy are kept (0: deleted
+            when the job finishes). Its prepared artifacts are always deleted then.
+        max_attempts: tries of a job that fails before its commit, counting the first.
+        retry: how the commit transaction and each step after it are retried.
+        kill_at: test-only: exit with code 9 at this step of the first attempt (one of ``KILL_POINTS``).
     """
 
     device: str = "auto"
@@ -57,6 +63,9 @@ class PipelineConfig:
     mia_alpha: float = 0.5
     swap: SwapSettings = field(default_factory=SwapSettings)
     prepare_next: bool = True
+    retention_s: float = 0.0
+    max_attempts: int = 5
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     kill_at: str | None = None
 
     def __post_init__(self) -> None:
@@ -64,194 +73,181 @@ class PipelineConfig:
             raise InvalidInputError(f"kill_at must be one of {', '.join(KILL_POINTS)}; got {self.kill_at!r}")
         if not 0.0 < self.twin_fraction < 1.0:
             raise InvalidInputError(f"twin_fraction must be in (0, 1), got {self.twin_fraction}")
+        if self.retention_s < 0 or self.max_attempts < 1:
+            raise InvalidInputError(f"retention_s must be >= 0 and max_attempts >= 1, got {self.retention_s} "
+                                    f"and {self.max_attempts}")
 
 
-def seconds_since(iso_time: str) -> float:
-    """Wall-clock seconds from an ISO 8601 time until now."""
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(iso_time)).total_seconds()
+@dataclass(frozen=True)
+class Loaded:
+    """What ``load`` found: the source version, the target number, the model and the id sets."""
+
+    index: Any
+    source: VersionRecord
+    target: int
+    method: Any
+    model: Any
+    meta: Any
+    plan: Any
+    forget_ids: tuple[str, ...]
+    retain_ids: tuple[str, ...]
 
 
-class _JobRun:
-    """Working state of one job inside its worker; each ``_step_*`` method is one pipeline step."""
+@dataclass(frozen=True)
+class Unlearned:
+    """What ``unlearn`` made: the data it used and the method's outcome (the new weights)."""
+
+    data: Any
+    outcome: Any
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The new version's checkpoint and its metadata."""
+
+    checkpoint: Path
+    meta: Any
+
+
+class _Run:
+    """One job's run: the context every step reads, and the timing and kill hook around each step."""
 
     def __init__(self, workspace: Workspace, job: Job, config: PipelineConfig) -> None:
         from tmu_core.device import resolve_device
 
         self.workspace, self.job, self.config = workspace, job, config
-        self.jobs = JobStore(workspace.state_db)
-        self.registry = VersionRegistry(workspace.state_db)
+        self.store = StateStore.open(workspace)
         self.device = resolve_device(config.device)
-        self.ids, self.request_ids = self.jobs.forget_set(job)
+        self.ids, self.request_ids = self.store.jobs.forget_set(job)
         self.timings: dict[str, float] = {}
-        self.state: dict[str, Any] = {}
 
-    def kill_point(self, name: str) -> None:
-        if self.config.kill_at == name:
-            logger.warning("test hook: worker of job=%s exits at %s", self.job.id, name)
-            os._exit(9)
+    def step(self, name: str, action: Callable[[], T]) -> T:
+        """Record the step on the job, run it, time it."""
+        self.store.jobs.enter_step(self.job.id, name, STEPS.index(name) / (len(STEPS) + 4))
+        kill_point(self.config, self.job, name)
+        started = time.perf_counter()
+        value = action()
+        # "prepare_artifacts" is timed on its own inside "load"; keep the timings disjoint.
+        nested = self.timings.get("prepare_artifacts", 0.0) if name == "load" else 0.0
+        self.timings[name] = round(time.perf_counter() - started - nested, 3)
+        return value
 
-    def run(self) -> None:
-        for position, step in enumerate(STEPS):
-            self.jobs.enter_step(self.job.id, step, position / len(STEPS))
-            self.kill_point(step)
-            started = time.perf_counter()
-            getattr(self, f"_step_{step}")()
-            # "prepare_artifacts" is timed on its own inside "load"; keep the timings disjoint.
-            nested = self.timings.get("prepare_artifacts", 0.0) if step == "load" else 0.0
-            self.timings[step] = round(time.perf_counter() - started - nested, 3)
-            if self.state.get("nothing_to_do"):
-                return
 
-    def _step_load(self) -> None:
-        from tmu_core.index import TrainingIndex
-        from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
-        from tmu_core.train import load_checkpoint
-        from tmu_core.unlearn import get_method
+def _load(run: _Run) -> Loaded | None:
+    from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
+    from tmu_core.index import TrainingIndex
+    from tmu_core.train import load_checkpoint
+    from tmu_core.unlearn import get_method
 
-        self.index = TrainingIndex.open(self.workspace.index_dir)
-        live = [i for i in self.ids if not self.index.is_forgotten(i)]
-        if not live:
-            self._nothing_to_do()
-            return
-        self.ids = live
-        source = self.registry.require_serving(self.job.model)
-        target = self.registry.next_version(self.job.model)
-        undo.remove_version_files(self.workspace, self.registry, self.job.model, target)
-        self.jobs.set_fields(self.job.id, from_version=source.version, to_version=target)
-        self.source, self.target = source, target
-        self.plan = plan_data(self.index, self.config.twin_fraction, self.config.seed)
-        options = dict(self.job.options)
-        self.method = get_method(options.pop("method", "tmu"), **options)
-        self.model, self.meta = load_checkpoint(source.checkpoint, self.device)
-        folder = artifacts_dir(self.workspace, self.job.model, source.version)
-        self.timings["prepare_artifacts"] = round(
-            prepare(self.method, self.model, self.meta, self.index, self.plan, self.device, folder), 3)
+    index = TrainingIndex.open(run.workspace.index_dir)
+    run.index = index
+    source = run.store.versions.require_serving(run.job.model)
+    members = run.store.versions.members(run.job.model, source.version)
+    trained = set(index.ids("train")) if members is None else members
+    forget = tuple(sorted(set(run.ids) & trained))
+    if not forget:
+        return None
+    target = run.store.versions.reserve(run.job.model, run.job.id)
+    undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
+    run.store.jobs.set_fields(run.job.id, from_version=source.version, to_version=target)
+    plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
+    options = dict(run.job.options)
+    method = get_method(options.pop("method", "tmu"), **options)
+    model, meta = load_checkpoint(source.checkpoint, run.device)
+    folder = artifacts_dir(run.workspace, run.job.model, source.version)
+    run.timings["prepare_artifacts"] = round(prepare(method, model, meta, index, plan, run.device, folder), 3)
+    retain = tuple(i for i in plan.train_ids if i not in set(forget))
+    return Loaded(index, source, target, method, model, meta, plan, forget, retain)
 
-    def _nothing_to_do(self) -> None:
-        self.state["nothing_to_do"] = True
-        self.jobs.finish(self.job.id, "succeeded",
-                         reason="every sample was forgotten by an earlier request; no new version was made",
-                         result={"nothing_to_do": True})
 
-    def _step_unlearn(self) -> None:
-        from tmu_core.forget.artifacts import artifacts_dir
-        from tmu_core.unlearn import UnlearnData
+def _unlearn(run: _Run, loaded: Loaded) -> Unlearned:
+    from tmu_core.forget.artifacts import artifacts_dir
+    from tmu_core.unlearn import UnlearnData
 
-        forget = set(self.ids)
-        retain = tuple(i for i in self.plan.train_ids if i not in forget)
-        self.data = UnlearnData(self.index, tuple(self.ids), retain, self.plan.twin_ids)
-        folder = artifacts_dir(self.workspace, self.job.model, self.source.version)
-        self.outcome = self.method.unlearn(self.model, self.meta, self.data, self.device, folder)
+    data = UnlearnData(loaded.index, loaded.forget_ids, loaded.retain_ids, loaded.plan.twin_ids)
+    folder = artifacts_dir(run.workspace, run.job.model, loaded.source.version)
+    return Unlearned(data, loaded.method.unlearn(loaded.model, loaded.meta, data, run.device, folder))
 
-    def _step_evaluate(self) -> None:
-        from tmu_core.forget.report import measure
 
-        hard = self.outcome.predicted_hard_ids
-        test = (self.index.load(list(self.plan.eval_ids)), self.index.labels(list(self.plan.eval_ids)))
-        self.metrics = measure(self.model, self.outcome.model, self.data.tensors("forget"), test, self.device,
-                               None if hard is None else len(hard), self.config.mia_alpha)
+def _evaluate(run: _Run, loaded: Loaded, unlearned: Unlearned) -> Any:
+    from tmu_core.forget.report import measure
 
-    def _step_save(self) -> None:
-        from dataclasses import asdict, is_dataclass, replace
+    hard = unlearned.outcome.predicted_hard_ids
+    eval_ids = list(loaded.plan.eval_ids)
+    test = (loaded.index.load(eval_ids), loaded.index.labels(eval_ids))
+    return measure(loaded.model, unlearned.outcome.model, unlearned.data.tensors("forget"), test, run.device,
+                   None if hard is None else len(hard), run.config.mia_alpha)
 
-        from tmu_core.train import save_checkpoint
 
-        retain = list(self.data.retain_ids)
-        meta = replace(self.meta, recipe={"unlearn": {"method": self.method.name,
-                                                      "options": asdict(self.method.options)
-                                                      if is_dataclass(self.method.options) else {},
-                                                      "forget_request": self.job.id},
-                                          "base": self.meta.recipe},
-                       index_fingerprint=self.index.fingerprint(retain), train_size=len(retain),
-                       parent=f"{self.job.model}:v{self.source.version}",
-                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        self.new_meta = meta
-        folder = self.workspace.version_dir(self.job.model, self.target)
-        self.checkpoint = save_checkpoint(folder / "checkpoint.pt", self.outcome.model, meta)
+def _save(run: _Run, loaded: Loaded, unlearned: Unlearned) -> Saved:
+    from tmu_core.train import save_checkpoint
 
-    def _step_package(self) -> None:
-        from tmu_core.serving import package_version
+    options = asdict(loaded.method.options) if is_dataclass(loaded.method.options) else {}
+    meta = replace(loaded.meta, recipe={"unlearn": {"method": loaded.method.name, "options": options,
+                                                    "forget_request": run.job.id}, "base": loaded.meta.recipe},
+                   index_fingerprint=loaded.index.fingerprint(list(loaded.retain_ids)),
+                   train_size=len(loaded.retain_ids), parent=f"{run.job.model}:v{loaded.source.version}",
+                   created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    folder = run.workspace.version_dir(run.job.model, loaded.target)
+    return Saved(save_checkpoint(folder / "checkpoint.pt", unlearned.outcome.model, meta), meta)
 
-        from dataclasses import asdict
 
-        from tmu_core.serving.archive import ServingOptions
+def _package(run: _Run, loaded: Loaded, saved: Saved) -> Any:
+    from tmu_core.serving import package_version
+    from tmu_core.serving.archive import ServingOptions
 
-        options = asdict(ServingOptions.from_archive(self.source.archive))
-        self.package = package_version(self.checkpoint, self.workspace, self.job.model, self.target, **options)
+    options = asdict(ServingOptions.from_archive(loaded.source.archive))
+    return package_version(saved.checkpoint, run.workspace, run.job.model, loaded.target, **options)
 
-    def _step_register(self) -> None:
-        from tmu_core.service import swap
 
-        # A version of this number left registered by an earlier failed job holds other weights: replace it.
-        if swap.unregister(self.workspace, self.job.model, self.target):
-            logger.warning("job=%s: unregistered a stale version %d first", self.job.id, self.target)
-        swap.register(self.workspace, self.job.model, self.target, self.package.archive, self.config.swap)
+def _register(run: _Run, loaded: Loaded, package: Any) -> None:
+    from tmu_core.service import swap
 
-    def _step_set_default(self) -> None:
-        from tmu_core.service import swap
+    # A version of this number left registered by an earlier failed attempt holds other weights: replace it.
+    if swap.unregister(run.workspace, run.job.model, loaded.target):
+        logger.warning("job=%s: unregistered a stale version %d first", run.job.id, loaded.target)
+    swap.register(run.workspace, run.job.model, loaded.target, package.archive, run.config.swap)
 
-        swap.set_default(self.workspace, self.job.model, self.target)
-        self.timings["request_to_serving"] = round(seconds_since(self.job.created_at), 3)
 
-    def _step_drain(self) -> None:
-        from tmu_core.service import swap
+def _result(run: _Run, loaded: Loaded, unlearned: Unlearned, metrics: Any, package: Any) -> dict[str, Any]:
+    """The job's report (JSON-ready): what was forgotten, how well, and what each step cost."""
+    from tmu_core.forget.report import metrics_dict
 
-        swap.drain(self.workspace, self.job.model, self.source.version, self.config.swap)
+    job = run.store.jobs.get(run.job.id)
+    claimed = datetime.fromisoformat(job.started_at or job.created_at)
+    queued = (claimed - datetime.fromisoformat(job.created_at)).total_seconds()
+    # From the claim to the first step: starting the worker process (interpreter, torch, CUDA context).
+    loads = [s["at"] for s in job.steps if s["step"] == "load"]
+    worker_start = (datetime.fromisoformat(loads[-1]) - claimed).total_seconds() if loads else 0.0
+    timings = {"queue_wait": round(queued, 3), "worker_start": round(max(worker_start, 0.0), 3), **run.timings}
+    return {
+        "job_id": job.id, "model": job.model, "from_version": loaded.source.version, "to_version": loaded.target,
+        "request_ids": run.request_ids, "forget_request": job.request_id, "method": loaded.method.name,
+        "samples": len(loaded.forget_ids), "owners": job.owner_ids, "already_forgotten": job.already_forgotten,
+        "attempt": job.attempts + 1, "metrics": metrics_dict(metrics), "timings": timings,
+        "unlearn_details": _json_safe(unlearned.outcome.details), "device": str(run.device),
+        "onnx_max_abs_diff": getattr(package.onnx_check, "max_abs_diff", None),
+    }
 
-    def _step_unregister_old(self) -> None:
-        from tmu_core.service import swap
 
-        swap.unregister(self.workspace, self.job.model, self.source.version)
-
-    def _step_commit(self) -> None:
-        from tmu_core.forget.report import write_report
-
-        result = self.result()
-        self.jobs.set_fields(self.job.id, result=result)  # lets recovery finish the commit if the worker dies
-        write_report(self.workspace.version_dir(self.job.model, self.target), result)
-        forgotten = self.index.forget(self.ids, self.job.id)
-        logger.info("job=%s index forgot %d samples (%d already gone)", self.job.id, len(forgotten.forgotten),
-                    len(forgotten.already_forgotten))
-        self.kill_point("commit.index_done")
-        recovery.finish_commit(self.workspace, self.jobs.get(self.job.id))
-
-    def result(self) -> dict[str, Any]:
-        """The job's report (JSON-ready): what was forgotten, how well, and what each step cost."""
-        from tmu_core.forget.report import metrics_dict
-
-        job = self.jobs.get(self.job.id)
-        claimed = datetime.fromisoformat(job.started_at or job.created_at)
-        queued = (claimed - datetime.fromisoformat(job.created_at)).total_seconds()
-        # From the claim to the first step: starting the worker process (interpreter, torch, CUDA context).
-        worker_start = (datetime.fromisoformat(job.steps[0]["at"]) - claimed).total_seconds() if job.steps else 0.0
-        timings = {"queue_wait": round(queued, 3), "worker_start": round(worker_start, 3), **self.timings}
-        return {
-            "job_id": job.id, "model": job.model, "from_version": self.source.version, "to_version": self.target,
-            "request_ids": self.request_ids, "method": self.method.name, "samples": len(self.ids),
-            "owners": job.owner_ids, "already_forgotten": job.already_forgotten,
-            "metrics": metrics_dict(self.metrics), "timings": timings,
-            "unlearn_details": _json_safe(self.outcome.details), "device": str(self.device),
-            "onnx_max_abs_diff": getattr(self.package.onnx_check, "max_abs_diff", None),
-        }
-
-    def prepare_next(self) -> None:
-        """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``."""
-        from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
-        from tmu_core.train import load_checkpoint
-
-        self.jobs.set_fields(self.job.id, followup={"artifacts": "preparing", "version": self.target})
-        try:
-            model, meta = load_checkpoint(self.checkpoint, self.device)
-            plan = plan_data(self.index, self.config.twin_fraction, self.config.seed)
-            folder = artifacts_dir(self.workspace, self.job.model, self.target)
-            seconds = prepare(self.method, model, meta, self.index, plan, self.device, folder)
-        except Exception as err:  # the job already succeeded; the next job prepares on demand
-            logger.exception("job=%s: preparing v%d artifacts failed", self.job.id, self.target)
-            self.jobs.set_fields(self.job.id, followup={"artifacts": "failed", "version": self.target,
-                                                        "reason": str(err)})
-            return
-        self.jobs.set_fields(self.job.id, followup={"artifacts": "ready", "version": self.target,
-                                                    "seconds": round(seconds, 3)})
+def _run_to_commit(run: _Run) -> bool:
+    """The steps up to and including the commit; False when the model has nothing to forget."""
+    loaded = run.step("load", lambda: _load(run))
+    if loaded is None:
+        commit.finish_nothing_to_do(run.store, run.store.jobs.get(run.job.id), run.ids)
+        return False
+    unlearned = run.step("unlearn", lambda: _unlearn(run, loaded))
+    metrics = run.step("evaluate", lambda: _evaluate(run, loaded, unlearned))
+    saved = run.step("save", lambda: _save(run, loaded, unlearned))
+    package = run.step("package", lambda: _package(run, loaded, saved))
+    run.step("register", lambda: _register(run, loaded, package))
+    result = _result(run, loaded, unlearned, metrics, package)
+    plan = commit.CommitPlan(model=run.job.model, source=loaded.source.version, target=loaded.target,
+                             archive=package.archive, checkpoint=saved.checkpoint, onnx=package.onnx,
+                             members=loaded.retain_ids, forgotten=tuple(run.ids), request_ids=tuple(run.request_ids))
+    run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
+                                                 run.config.retry))
+    return True
 
 
 def _json_safe(value: Any) -> Any:
@@ -262,36 +258,103 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_job(workspace: Workspace, job_id: str, config: PipelineConfig) -> Job:
-    """Run one claimed (``running``) job to the end, in this process.
+    """Run one claimed (``running``) job to the end, in this process, holding the model's lock.
+
+    A job that already passed its commit (its worker died after it) only runs the steps after the commit.
 
     Args:
         workspace: where the state, index, versions and TorchServe live.
         job_id: a job in state ``running`` (claimed by the dispatcher).
-        config: device, seed, swap timing and the test hook.
+        config: device, seed, swap timing, retention, retries and the test hook.
 
     Returns:
-        The job as stored at the end (``succeeded`` or ``failed`` with the reason).
+        The job as stored at the end: ``succeeded``, ``failed``, ``queued`` again (it failed before its commit
+        and has attempts left) or still ``running`` (a step after the commit kept failing; it is resumed later).
     """
-    jobs = JobStore(workspace.state_db)
-    job = jobs.get(job_id)
+    from tmu_core.device import seed_everything
+    from tmu_core.state.locks import model_lock
+
+    store = StateStore.open(workspace)
+    job = store.jobs.get(job_id)
     if job.state != "running":
         raise InvalidInputError(f"job {job_id} is {job.state}; only a running (claimed) job can be run")
-    from tmu_core.device import seed_everything
-
     seed_everything(config.seed)
-    run = _JobRun(workspace, job, config)
-    try:
+    with model_lock(workspace, job.model, blocking=True, holder=job.id):
+        if commit.is_committed(store, job):
+            return _forward(workspace, job_id, config, resumed=True)
+        run = _Run(workspace, job, config)
         try:
-            run.run()
-        except Exception as err:
-            step = jobs.get(job_id).step
-            logger.exception("job=%s failed in step %s", job_id, step)
-            undo.fail_job(workspace, jobs.get(job_id), f"step '{step}' failed: {err}", config.swap)
-            return jobs.get(job_id)
-        if config.prepare_next and jobs.get(job_id).state == "succeeded" and not run.state.get("nothing_to_do"):
-            run.prepare_next()
-        return jobs.get(job_id)
-    finally:
-        index = getattr(run, "index", None)
-        if index is not None:
-            index.close()
+            committed = _attempt(run)
+        finally:
+            index = getattr(run, "index", None)
+            if index is not None:
+                index.close()
+        if committed is None:
+            return store.jobs.get(job_id)
+        if committed:
+            job = _forward(workspace, job_id, config)
+    if job.state == "succeeded" and config.prepare_next and committed:
+        prepare_next(workspace, job, config)
+    return store.jobs.get(job_id)
+
+
+def _forward(workspace: Workspace, job_id: str, config: PipelineConfig, resumed: bool = False) -> Job:
+    """The steps after the commit; one that keeps failing leaves the job running there, to be resumed."""
+    store = StateStore.open(workspace)
+    try:
+        return commit.run_forward(workspace, job_id, config, resumed)
+    except Exception as err:
+        job = store.jobs.get(job_id)
+        logger.exception("job=%s: step %s after the commit keeps failing; it will be resumed", job_id, job.step)
+        try:
+            store.jobs.set_fields(job_id, reason=f"step '{job.step}' after the commit failed, to be resumed: {err}")
+        except Exception:  # the reason is only informative; the dispatcher resumes the job either way
+            logger.exception("job=%s: could not record why", job_id)
+        return store.jobs.get(job_id)
+
+
+def _attempt(run: _Run) -> bool | None:
+    """Run to the commit; on a failure before it, undo and queue again (None). True when committed."""
+    try:
+        return _run_to_commit(run)
+    except Exception as err:
+        job = run.store.jobs.get(run.job.id)
+        if commit.is_committed(run.store, job):  # the commit landed, then something raised: only forward
+            logger.exception("job=%s raised after its commit; going forward", job.id)
+            return True
+        logger.exception("job=%s failed in step %s", job.id, job.step)
+        undo.fail_or_requeue(run.workspace, job, f"step '{job.step}' failed: {err}", run.config.swap,
+                             run.config.max_attempts)
+        return None
+
+
+def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig) -> None:
+    """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``."""
+    from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
+    from tmu_core.index import TrainingIndex
+    from tmu_core.train import load_checkpoint
+    from tmu_core.unlearn import get_method
+
+    store = StateStore.open(workspace)
+    target = job.to_version
+    store.jobs.set_fields(job.id, followup={"artifacts": "preparing", "version": target})
+    try:
+        record = store.versions.get(job.model, target)
+        options = dict(job.options)
+        method = get_method(options.pop("method", "tmu"), **options)
+        device = _device(config)
+        model, meta = load_checkpoint(record.checkpoint, device)
+        with TrainingIndex.open(workspace.index_dir) as index:
+            plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, target))
+            seconds = prepare(method, model, meta, index, plan, device, artifacts_dir(workspace, job.model, target))
+    except Exception as err:  # the job already succeeded; the next job prepares on demand
+        logger.exception("job=%s: preparing v%s artifacts failed", job.id, target)
+        store.jobs.set_fields(job.id, followup={"artifacts": "failed", "version": target, "reason": str(err)})
+        return
+    store.jobs.set_fields(job.id, followup={"artifacts": "ready", "version": target, "seconds": round(seconds, 3)})
+
+
+def _device(config: PipelineConfig) -> Any:
+    from tmu_core.device import resolve_device
+
+    return resolve_device(config.device)

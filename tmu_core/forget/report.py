@@ -16,7 +16,14 @@ REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 # Timings in the order things happen; "request_to_serving" spans queue_wait .. set_default.
 TIMING_ORDER = ("queue_wait", "worker_start", "prepare_artifacts", "load", "unlearn", "evaluate", "save", "package",
-                "register", "set_default", "drain", "unregister_old", "request_to_serving")
+                "register", "commit", "set_default", "drain", "unregister_old", "request_to_serving")
+
+
+def seconds_since(iso_time: str) -> float:
+    """Wall-clock seconds from an ISO 8601 time until now."""
+    from datetime import datetime, timezone
+
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(iso_time)).total_seconds()
 
 
 def ordered_timings(timings: dict[str, float]) -> list[tuple[str, float]]:

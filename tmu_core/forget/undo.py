@@ -17,8 +17,10 @@ from tmu_core.service.swap import SwapSettings
 
 logger = logging.getLogger(__name__)
 
-# Steps after which TorchServe may hold the new version (entering "register" may already have registered it).
-SERVING_STEPS = ("register", "set_default", "drain", "unregister_old", "commit")
+# Steps before the commit in which TorchServe may hold the new version (entering "register" may have registered it).
+SERVING_STEPS = ("register", "commit")
+# Waits before a job that failed before its commit runs again: 5 s, 10 s, 20 s, ... at most 5 minutes.
+REQUEUE_FIRST_S, REQUEUE_MAX_S = 5.0, 300.0
 
 
 def remove_version_files(workspace: Workspace, registry: VersionRegistry, model: str, version: int) -> bool:
@@ -61,6 +63,24 @@ def undo_uncommitted(workspace: Workspace, job: Job, settings: SwapSettings) -> 
     finally:
         # Even when TorchServe cannot be reached: a restarted TorchServe must not find the new archive.
         remove_version_files(workspace, registry, job.model, job.to_version)
+
+
+def fail_or_requeue(workspace: Workspace, job: Job, reason: str, settings: SwapSettings, max_attempts: int) -> None:
+    """Undo what ``job`` changed before its commit, then queue it again, or fail it after its last attempt.
+
+    An accepted request must end with the model no longer trained on the samples, so a failure (a killed
+    worker, a locked database, TorchServe restarting) costs an attempt, not the request.
+    """
+    jobs = JobStore(workspace.state_db)
+    try:
+        undo_uncommitted(workspace, job, settings)
+    except Exception as err:  # the next attempt unregisters a stale version first; say what could not be undone
+        logger.exception("undo of job=%s failed", job.id)
+        reason = f"{reason}; undoing it failed too: {err}"
+    if job.attempts + 1 < max_attempts:
+        jobs.requeue(job.id, reason, min(REQUEUE_MAX_S, REQUEUE_FIRST_S * 2 ** job.attempts))
+    else:
+        jobs.finish(job.id, "failed", reason=f"{reason} (attempt {job.attempts + 1} of {max_attempts}, the last)")
 
 
 def fail_job(workspace: Workspace, job: Job, reason: str, settings: SwapSettings) -> None:

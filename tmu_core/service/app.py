@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,25 +20,32 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tmu_core.config import Workspace
-from tmu_core.errors import ConflictError, ModelNotFoundError, TmuError, UnknownIdsError, http_status
-from tmu_core.service.limits import BodyLimit
+from tmu_core.errors import ModelNotFoundError, TmuError, UnknownIdsError, http_status
+from tmu_core.forget.intake import DEFAULT_METHOD, ForgetRequest
+from tmu_core.service.limits import MAX_ID_LENGTH, MAX_IDS_PER_REQUEST, BodyLimit
 from tmu_core.state.audit import AuditLog
 from tmu_core.state.jobs import JobStore
+from tmu_core.state.store import StateStore
 from tmu_core.state.versions import VersionRegistry
-from tmu_core.forget.intake import DEFAULT_METHOD, ForgetRequest, check_method, resolve
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
 class ForgetBody(BaseModel):
-    """Body of ``POST /forget/{model}``."""
+    """Body of ``POST /forget`` and ``POST /forget/{model}``."""
 
     model_config = ConfigDict(extra="forbid")
-    sample_ids: list[str] = Field(default_factory=list, description="training sample ids to forget")
-    owner_ids: list[str] = Field(default_factory=list, description="data owners whose samples to forget")
-    idempotency_key: str | None = Field(None, description="the same key returns the same job")
+    sample_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS_PER_REQUEST,
+                                 description="sample ids to forget (training samples, or an owner's test samples)")
+    owner_ids: list[Id] = Field(default_factory=list, max_length=MAX_IDS_PER_REQUEST,
+                                description="data owners whose samples to forget")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200,
+                                        description="the same key returns the same request")
     method: str = Field(DEFAULT_METHOD, description="unlearning method (tmu)")
     options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. {\"noise\": 0.1}")
 
@@ -60,13 +67,14 @@ class ServiceState:
     registry: VersionRegistry
     jobs: JobStore
     audit: AuditLog
+    store: StateStore
     dispatcher: Any = None
 
     @classmethod
     def open(cls, workspace: Workspace, key: str, dispatcher: Any = None) -> "ServiceState":
         """Open the state database of ``workspace`` (creating its tables)."""
-        db = workspace.state_db
-        return cls(workspace, key, VersionRegistry(db), JobStore(db), AuditLog(db), dispatcher)
+        store = StateStore.open(workspace)
+        return cls(workspace, key, store.versions, store.jobs, store.audit, store, dispatcher)
 
 
 def error_body(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -91,7 +99,7 @@ def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
             return error_body(400, "malformed_json", f"the body is not valid JSON: {item.get('msg')} "
                               f"(at position {item.get('ctx', {}).get('error', '?')})")
         problems.append(f"{where}: {item.get('msg')}")
-    return error_body(400, "invalid_input", "bad request: " + "; ".join(problems))
+    return error_body(422, "invalid_input", "bad request: " + "; ".join(problems))
 
 
 def _check_token(request: Request, key: str) -> JSONResponse | None:
@@ -136,9 +144,25 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         dispatcher = state.dispatcher
         return {"status": "ok", "dispatcher": bool(dispatcher and dispatcher.alive())}
 
+    @app.post("/forget", status_code=202)
+    def forget_everywhere(body: ForgetBody) -> JSONResponse:
+        return _submit_forget(state, None, body)
+
     @app.post("/forget/{model}", status_code=202)
     def forget(model: str, body: ForgetBody) -> JSONResponse:
         return _submit_forget(state, model, body)
+
+    @app.get("/requests/{request_id}")
+    def get_request(request_id: str) -> dict[str, Any]:
+        from tmu_core.forget.submit import request_view
+
+        return request_view(state.store, state.store.requests.get(request_id))
+
+    @app.get("/requests")
+    def list_requests(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        from tmu_core.forget.submit import request_view
+
+        return {"requests": [request_view(state.store, r) for r in state.store.requests.list(limit)]}
 
     @app.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
@@ -166,41 +190,13 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         return result.to_json()
 
 
-def _submit_forget(state: ServiceState, model: str, body: ForgetBody) -> JSONResponse:
-    """Check a forget request against the registry, the method registry and the index, then queue it."""
+def _submit_forget(state: ServiceState, scope: str | None, body: ForgetBody) -> JSONResponse:
+    """Check a forget request (shape, method, index, memberships), then record it and its jobs."""
+    from tmu_core.forget.submit import submit_request
+
     request = ForgetRequest(sample_ids=tuple(body.sample_ids), owner_ids=tuple(body.owner_ids),
                             idempotency_key=body.idempotency_key, method=body.method, options=body.options)
-    if request.idempotency_key:
-        existing = state.jobs.by_key(request.idempotency_key)
-        if existing is not None:
-            if existing.model != model:
-                raise ConflictError(f"idempotency key {request.idempotency_key!r} was already used for job "
-                                    f"{existing.id} on model {existing.model!r}, not {model!r}")
-            return JSONResponse(_accepted(existing, existing=True), status_code=200)
-    if state.registry.serving(model) is None:
-        known = state.registry.models()
-        raise ModelNotFoundError(f"model {model!r} is not served by tmu-serve (no serving version); known "
-                                 f"models: {', '.join(known) or 'none'}")
-    check_method(request)
-    from tmu_core.index import TrainingIndex
-
-    with TrainingIndex.open(state.workspace.index_dir) as index:
-        forget_set = resolve(index, request)
-    if not forget_set.ids:
-        return JSONResponse({"job_id": None, "state": "nothing_to_do",
-                             "already_forgotten": list(forget_set.already_forgotten),
-                             "message": "every requested sample was already forgotten; no job was queued"},
-                            status_code=200)
-    options = {"method": request.method, **request.options}
-    job = state.jobs.submit(model, list(forget_set.ids), owner_ids=list(request.owner_ids), options=options,
-                            idempotency_key=request.idempotency_key,
-                            already_forgotten=list(forget_set.already_forgotten))
-    if state.dispatcher is not None:
+    answer, created = submit_request(state.workspace, state.store, request, scope)
+    if created and state.dispatcher is not None:
         state.dispatcher.wake()
-    return JSONResponse(_accepted(job, existing=False), status_code=202)
-
-
-def _accepted(job: Any, existing: bool) -> dict[str, Any]:
-    return {"job_id": job.id, "state": job.state, "model": job.model, "samples": len(job.sample_ids),
-            "already_forgotten": job.already_forgotten, "merged_into": job.merged_into, "existing": existing,
-            "links": {"job": f"/jobs/{job.id}"}}
+    return JSONResponse(answer, status_code=202 if created else 200)

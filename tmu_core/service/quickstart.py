@@ -107,14 +107,15 @@ def train_v1(workspace: Workspace, index: Any, config: QuickstartConfig, device:
     from tmu_core.train import TrainConfig, save_checkpoint, train_model
 
     cfg = TrainConfig(epochs=config.epochs, batch_size=64, lr=0.05, augment=False, seed=config.seed)
-    result = train_model(index, index.ids("train"), "small_cnn", cfg, device)
+    train_ids = index.ids("train")
+    result = train_model(index, train_ids, "small_cnn", cfg, device)
     staged = workspace.home / "staged" / "checkpoint.pt"
     save_checkpoint(staged, result.model, result.meta)
     package = package_version(staged, workspace, MODEL, 1, backend="onnx", batch_size=8, max_batch_delay=10)
     shutil.rmtree(staged.parent, ignore_errors=True)
     return VersionRegistry(workspace.state_db).record_version(
         MODEL, 1, package.archive, package.checkpoint, package.onnx, parent=None, forget_request=None,
-        metrics={"train_accuracy": result.history.train_acc[-1]})
+        metrics={"train_accuracy": result.history.train_acc[-1]}, members=train_ids)
 
 
 def sample_png(index: Any, sample_id: str) -> bytes:

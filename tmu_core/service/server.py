@@ -29,6 +29,7 @@ from pathlib import Path
 from tmu_core.config import PRIVATE_FILE_MODE, Workspace, use_private_umask
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError
 from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.serving.keeper import KeyKeeper
 from tmu_core.state.locks import HeldLock, current_holder, writer_lock, writer_lock_path
 
 logger = logging.getLogger(__name__)
@@ -183,10 +184,12 @@ def _in_thread(workspace: Workspace, config: ServiceConfig, wait_workers_s: floa
     thread.start()
     url = f"http://{LOOPBACK}:{port}"
     info_path = _write_info(workspace, url, port)
+    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         _wait_health(url, 30.0)
         yield RunningService(url=url, key=key, dispatcher=dispatcher)
     finally:
+        keeper.stop()
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(timeout=15)
         sock.close()
@@ -237,9 +240,11 @@ def _serve(workspace: Workspace, config: ServiceConfig) -> None:
     if dispatcher is not None:
         dispatcher.start()
     logger.info("extension service on %s (pid %d)", url, os.getpid())
+    keeper = KeyKeeper(workspace).start()  # renews TorchServe's keys while the service runs
     try:
         server.run(sockets=[sock])  # type: ignore[attr-defined]
     finally:
+        keeper.stop()
         if dispatcher is not None:
             dispatcher.stop(wait_s=None)
         for name in (INFO_FILE, PID_FILE):

@@ -47,9 +47,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     followup TEXT NOT NULL,
     created_at TEXT NOT NULL,
     started_at TEXT,
-    finished_at TEXT
+    finished_at TEXT,
+    request_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before TEXT
 )
 """
+# Columns added after the first release: an older state database gets them on open.
+_ADDED_COLUMNS = {"request_id": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0", "not_before": "TEXT"}
 _JSON_COLUMNS = ("sample_ids", "owner_ids", "already_forgotten", "options", "merged_from", "steps", "result",
                  "followup")
 
@@ -80,6 +85,9 @@ class Job:
     created_at: str = ""
     started_at: str | None = None
     finished_at: str | None = None
+    request_id: str | None = None
+    attempts: int = 0
+    not_before: str | None = None
 
     @property
     def done(self) -> bool:
@@ -109,11 +117,16 @@ class JobStore:
         self.path = Path(path)
         with write_tx(self.path) as conn:
             conn.execute(_SCHEMA)
+            present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             conn.execute("CREATE INDEX IF NOT EXISTS jobs_model_state ON jobs (model, state)")
 
     def submit(self, model: str, sample_ids: list[str], owner_ids: list[str] | None = None,
                options: dict[str, Any] | None = None, idempotency_key: str | None = None,
-               already_forgotten: list[str] | None = None) -> Job:
+               already_forgotten: list[str] | None = None, request_id: str | None = None,
+               *, conn: sqlite3.Connection | None = None) -> Job:
         """Queue a forget job (or return the job already made for ``idempotency_key``).
 
         Args:
@@ -123,6 +136,8 @@ class JobStore:
             options: unlearning options (JSON-ready); requests merge only when their options are equal.
             idempotency_key: a caller-chosen key; the same key returns the same job.
             already_forgotten: requested ids the index had already forgotten (reported, not redone).
+            request_id: the forget request this job is part of.
+            conn: an open write transaction to join (the request and its jobs commit together).
 
         Raises:
             InvalidInputError: empty forget set. ConflictError: the key was used for another model.
@@ -130,27 +145,38 @@ class JobStore:
         if not sample_ids:
             raise InvalidInputError("a forget job needs at least one sample id")
         options = dict(options or {})
-        with write_tx(self.path) as conn:
-            if idempotency_key is not None:
-                existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
-                if existing is not None:
-                    return self._same_key(_row_to_job(existing), model, idempotency_key)
-            primary = self._merge_target(conn, model, options)
-            job_id = f"fj-{uuid.uuid4().hex[:12]}"
-            conn.execute(
-                "INSERT INTO jobs (id, model, state, progress, sample_ids, owner_ids, already_forgotten, options, "
-                "idempotency_key, merged_into, merged_from, steps, result, followup, created_at) "
-                "VALUES (?,?,'queued',0,?,?,?,?,?,?,'[]','[]','{}','{}',?)",
-                (job_id, model, dumps(sorted(set(sample_ids))), dumps(sorted(owner_ids or [])),
-                 dumps(sorted(already_forgotten or [])), dumps(options), idempotency_key,
-                 primary.id if primary else None, utc_now()))
-            if primary is not None:
-                conn.execute("UPDATE jobs SET merged_from=? WHERE id=?",
-                             (dumps(primary.merged_from + [job_id]), primary.id))
-                logger.info("job=%s merged into queued job=%s model=%s", job_id, primary.id, model)
-            else:
-                logger.info("job=%s queued model=%s samples=%d", job_id, model, len(sample_ids))
-        return self.get(job_id)
+        if conn is None:
+            with write_tx(self.path) as own:
+                job_id = self._submit(own, model, sample_ids, owner_ids, options, idempotency_key,
+                                      already_forgotten, request_id)
+            return self.get(job_id)
+        job_id = self._submit(conn, model, sample_ids, owner_ids, options, idempotency_key, already_forgotten,
+                              request_id)
+        return _row_to_job(conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+
+    def _submit(self, conn: sqlite3.Connection, model: str, sample_ids: list[str], owner_ids: list[str] | None,
+                options: dict[str, Any], idempotency_key: str | None, already_forgotten: list[str] | None,
+                request_id: str | None) -> str:
+        if idempotency_key is not None:
+            existing = conn.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
+            if existing is not None:
+                return self._same_key(_row_to_job(existing), model, idempotency_key).id
+        primary = self._merge_target(conn, model, options)
+        job_id = f"fj-{uuid.uuid4().hex[:12]}"
+        conn.execute(
+            "INSERT INTO jobs (id, model, state, progress, sample_ids, owner_ids, already_forgotten, options, "
+            "idempotency_key, merged_into, merged_from, steps, result, followup, created_at, request_id) "
+            "VALUES (?,?,'queued',0,?,?,?,?,?,?,'[]','[]','{}','{}',?,?)",
+            (job_id, model, dumps(sorted(set(sample_ids))), dumps(sorted(owner_ids or [])),
+             dumps(sorted(already_forgotten or [])), dumps(options), idempotency_key,
+             primary.id if primary else None, utc_now(), request_id))
+        if primary is not None:
+            conn.execute("UPDATE jobs SET merged_from=? WHERE id=?",
+                         (dumps(primary.merged_from + [job_id]), primary.id))
+            logger.info("job=%s merged into queued job=%s model=%s", job_id, primary.id, model)
+        else:
+            logger.info("job=%s queued model=%s samples=%d", job_id, model, len(sample_ids))
+        return job_id
 
     @staticmethod
     def _same_key(job: Job, model: str, key: str) -> Job:
@@ -222,7 +248,8 @@ class JobStore:
                             (model,)).fetchone():
                 return None
             row = conn.execute("SELECT id FROM jobs WHERE model=? AND state='queued' AND merged_into IS NULL "
-                               "ORDER BY created_at LIMIT 1", (model,)).fetchone()
+                               "AND (not_before IS NULL OR not_before <= ?) ORDER BY created_at LIMIT 1",
+                               (model, utc_now())).fetchone()
             if row is None:
                 return None
             self._set(conn, row["id"], state="running", step="starting", progress=0.0, started_at=utc_now())
@@ -236,29 +263,59 @@ class JobStore:
             requests.append(merged_id)
         return sorted(ids), requests
 
-    def enter_step(self, job_id: str, step: str, progress: float) -> None:
-        """Record that the worker entered ``step``; progress is the whole job's fraction done (0..1)."""
-        with write_tx(self.path) as conn:
-            row = conn.execute("SELECT steps FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no job with id {job_id!r}")
-            steps = json.loads(row["steps"]) + [{"step": step, "at": utc_now()}]
-            self._set(conn, job_id, step=step, progress=_clamp(progress), steps=dumps(steps))
+    def enter_step(self, job_id: str, step: str, progress: float, *,
+                   conn: sqlite3.Connection | None = None) -> None:
+        """Record that the worker entered ``step``; progress is the whole job's fraction done (0..1).
+
+        Args:
+            conn: an open write transaction to join (the commit records its next step with the commit).
+        """
+        if conn is None:
+            with write_tx(self.path) as own:
+                return self.enter_step(job_id, step, progress, conn=own)
+        row = conn.execute("SELECT steps FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        steps = json.loads(row["steps"]) + [{"step": step, "at": utc_now()}]
+        self._set(conn, job_id, step=step, progress=_clamp(progress), steps=dumps(steps))
+        return None
 
     def set_progress(self, job_id: str, progress: float) -> None:
         """Update the progress (0..1) within the current step."""
         with write_tx(self.path) as conn:
             self._set(conn, job_id, progress=_clamp(progress))
 
-    def set_fields(self, job_id: str, **values: Any) -> None:
-        """Set plain columns (``worker_pid``, ``from_version``, ``to_version``) or JSON ones (``result``...)."""
+    def set_fields(self, job_id: str, *, conn: sqlite3.Connection | None = None, **values: Any) -> None:
+        """Set plain columns (``worker_pid``, ``from_version``, ``to_version``) or JSON ones (``result``...).
+
+        Args:
+            conn: an open write transaction to join.
+        """
         allowed = {"worker_pid", "from_version", "to_version", "result", "followup", "reason"}
         unknown = set(values) - allowed
         if unknown:
             raise InvalidInputError(f"cannot set job fields {sorted(unknown)}; settable: {sorted(allowed)}")
         encoded = {k: dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()}
-        with write_tx(self.path) as conn:
+        if conn is not None:
             self._set(conn, job_id, mirror=False, **encoded)
+            return
+        with write_tx(self.path) as own:
+            self._set(own, job_id, mirror=False, **encoded)
+
+    def requeue(self, job_id: str, reason: str, delay_s: float) -> None:
+        """Put a job that failed before its commit back in the queue (attempts + 1), not before ``delay_s``."""
+        from datetime import datetime, timedelta, timezone
+
+        later = (datetime.now(timezone.utc) + timedelta(seconds=delay_s)).isoformat(timespec="microseconds")
+        with write_tx(self.path) as conn:
+            row = conn.execute("SELECT steps, attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            steps = json.loads(row["steps"]) + [{"step": "requeued", "at": utc_now(), "reason": reason}]
+            self._set(conn, job_id, state="queued", step=None, progress=0.0, reason=reason, started_at=None)
+            conn.execute("UPDATE jobs SET steps=?, attempts=?, not_before=?, worker_pid=NULL WHERE id=?",
+                         (dumps(steps), row["attempts"] + 1, later, job_id))
+        logger.warning("job=%s requeued (attempt %d) in %.0fs: %s", job_id, row["attempts"] + 2, delay_s, reason)
 
     def finish(self, job_id: str, state: str, reason: str | None = None, result: dict[str, Any] | None = None,
                *, conn: sqlite3.Connection | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
 from tmu_core.state.db import dumps, read_conn, utc_now, write_tx
+from tmu_core.state.membership import Membership
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at TEXT NOT NULL,
     state TEXT NOT NULL,
     state_changed_at TEXT NOT NULL,
+    PRIMARY KEY (model, version)
+)
+"""
+# Version numbers handed out but not (yet) recorded: a job and `tmu-admin package` never pick the same one.
+_RESERVATIONS = """
+CREATE TABLE IF NOT EXISTS reservations (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    at TEXT NOT NULL,
     PRIMARY KEY (model, version)
 )
 """
@@ -112,10 +123,13 @@ class VersionRegistry:
         self.path = Path(path)
         with write_tx(self.path) as conn:
             conn.execute(_SCHEMA)
+            conn.execute(_RESERVATIONS)
+        self.membership = Membership(self.path)
 
     def record_version(self, model: str, version: int, archive: Path, checkpoint: Path, onnx: Path | None,
                        parent: int | None, forget_request: str | None, metrics: dict[str, Any],
-                       *, state: str = "serving", conn: sqlite3.Connection | None = None) -> VersionRecord:
+                       *, state: str = "serving", members: Any = None,
+                       conn: sqlite3.Connection | None = None) -> VersionRecord:
         """Record a new version, hashing its files. A new ``serving`` version supersedes the one serving before.
 
         Args:
@@ -126,6 +140,7 @@ class VersionRegistry:
             forget_request: the forget request (job id) that produced it, or None.
             metrics: JSON-ready numbers worth keeping with the version.
             state: initial state, one of ``STATES`` except ``purged``.
+            members: the sample ids the version was trained on (None: unknown, read as every training sample).
             conn: an open write transaction to join (used to commit a version with its audit record).
 
         Raises:
@@ -141,11 +156,14 @@ class VersionRegistry:
                   str(Path(checkpoint).absolute()), file_sha256(checkpoint),
                   str(onnx_path) if onnx_path else None, file_sha256(onnx_path) if onnx_path else None,
                   dumps(metrics), utc_now(), state)
-        if conn is not None:
-            self._insert(conn, values)
-        else:
+        if conn is None:
             with write_tx(self.path) as own:
-                self._insert(own, values)
+                return self.record_version(model, version, archive, checkpoint, onnx, parent, forget_request,
+                                           metrics, state=state, members=members, conn=own)
+        self._insert(conn, values)
+        if members is not None:
+            self.membership.record(conn, model, version, members)
+        conn.execute("DELETE FROM reservations WHERE model=? AND version=?", (model, version))
         logger.info("recorded model=%s version=%d state=%s parent=%s", model, version, state, parent)
         return self.get(model, version, conn=conn)
 
@@ -233,11 +251,49 @@ class VersionRegistry:
         return record
 
     def next_version(self, model: str) -> int:
-        """One more than the highest recorded version (1 for a new model)."""
+        """One more than the highest recorded or reserved version (1 for a new model)."""
         with read_conn(self.path) as conn:
             return _next(conn, model)
+
+    def reserve(self, model: str, holder: str, version: int | None = None) -> int:
+        """Reserve a version number for ``holder`` (a job id, or ``package``): the next free one, or ``version``.
+
+        A holder that already reserved a number for ``model`` that is still unrecorded gets the same one back.
+
+        Raises:
+            ConflictError: ``version`` is recorded or reserved by another holder.
+        """
+        with write_tx(self.path) as conn:
+            if version is None:
+                mine = conn.execute("SELECT version FROM reservations WHERE model=? AND holder=? ORDER BY version "
+                                    "DESC LIMIT 1", (model, holder)).fetchone()
+                if mine is not None:
+                    return int(mine[0])
+                version = _next(conn, model)
+            taken = conn.execute("SELECT holder FROM reservations WHERE model=? AND version=?",
+                                 (model, version)).fetchone()
+            recorded = conn.execute("SELECT 1 FROM versions WHERE model=? AND version=?", (model, version)).fetchone()
+            if recorded or (taken and taken[0] != holder):
+                raise ConflictError(f"version {version} of {model!r} is already "
+                                    f"{'recorded' if recorded else 'reserved by ' + taken[0]}; the next free one "
+                                    f"is {_next(conn, model)}")
+            conn.execute("INSERT OR IGNORE INTO reservations VALUES (?,?,?,?)", (model, version, holder, utc_now()))
+        return version
+
+    def members(self, model: str, version: int) -> set[str] | None:
+        """The sample ids ``version`` was trained on (None when its membership was never recorded)."""
+        return self.membership.members(model, version)
+
+    def forgotten(self, model: str) -> set[str]:
+        """Sample ids ``model`` has forgotten (committed forget requests not undone by a rollback)."""
+        return set(self.membership.forgotten(model))
+
+    def owed(self, model: str) -> set[str]:
+        """Sample ids a rollback with ``undo_forgets`` made ``model`` trained on again."""
+        return set(self.membership.owed(model))
 
 
 def _next(conn: sqlite3.Connection, model: str) -> int:
     row = conn.execute("SELECT MAX(version) FROM versions WHERE model=?", (model,)).fetchone()
-    return (row[0] or 0) + 1
+    reserved = conn.execute("SELECT MAX(version) FROM reservations WHERE model=?", (model,)).fetchone()
+    return max(row[0] or 0, reserved[0] or 0) + 1
