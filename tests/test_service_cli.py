@@ -37,9 +37,10 @@ def test_forget_jobs_versions(running) -> None:
     result = _run(workspace, "forget", "m", "--owners", "owner-a-0", "--noise", "4")
     assert result.exit_code == 0, result.output
     accepted = json.loads(result.output)
-    assert accepted["samples"] == 3 and accepted["state"] == "queued"
+    assert accepted["samples"] == 3 and accepted["state"] == "pending" and accepted["job_state"] == "queued"
     job = JobStore(workspace.state_db).get(accepted["job_id"])
-    assert job.options == {"method": "tmu", "noise_std": 4.0} and job.owner_ids == ["owner-a-0"]
+    assert job.options == {"method": "tmu", "noise_std": 4.0}
+    assert job.owner_ids == [AuditLog(workspace.state_db).id_hash("owner-a-0")]  # never the plain owner id
     listing = _run(workspace, "jobs")
     assert listing.exit_code == 0 and accepted["job_id"] in listing.output and "queued" in listing.output
     one = _run(workspace, "jobs", accepted["job_id"])

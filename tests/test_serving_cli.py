@@ -47,7 +47,7 @@ def test_package_refuses_a_recorded_version(env):
     assert runner.invoke(cli, [*base, "package", str(ckpt), "--model", "digits"]).exit_code == 0
     again = runner.invoke(cli, [*base, "package", str(ckpt), "--model", "digits", "--version", "1"])
     assert again.exit_code == 1
-    assert "model 'digits' already has a recorded version 1; the next free one is 2" in again.output
+    assert "version 1 of 'digits' is already recorded; the next free one is 2" in again.output
 
 
 def test_package_rejects_a_bad_backend(env):

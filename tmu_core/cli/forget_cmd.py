@@ -18,6 +18,11 @@ from tmu_core.cli.common import echo_json, parse_list, tmu_errors
 from tmu_core.config import Workspace
 
 
+RETENTION_HELP = ("How long the archive, checkpoint and ONNX copy of a version that holds forgotten samples are "
+                  "kept after it stops serving, for a rollback (e.g. 0s, 12h, 7d; 0s deletes them when the forget "
+                  "job finishes).")
+
+
 def _client(workspace: Workspace) -> Any:
     from tmu_core.service.client import ExtensionClient
 
@@ -39,7 +44,7 @@ def wait_with_bar(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
 
 
 @cli.command("forget")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--samples", default=None, help="Comma-separated training sample ids, e.g. train/cat/0001,train/cat/0002")
 @click.option("--owners", default=None, help="Comma-separated data owner ids: all their training samples.")
 @click.option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
@@ -50,9 +55,10 @@ def wait_with_bar(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="Seconds --wait waits.")
 @click.pass_obj
-def forget(workspace: Workspace, model: str, samples: str | None, owners: str | None, wait: bool,
+def forget(workspace: Workspace, model: str | None, samples: str | None, owners: str | None, wait: bool,
            noise: float | None, method: str, idempotency_key: str | None, timeout: float) -> None:
-    """Ask MODEL to forget training samples or data owners; prints the job (and its report with --wait)."""
+    """Forget samples or data owners in every model trained on them, or in MODEL only; prints the request
+    (and, with --wait, each model's report when all are done)."""
     sample_ids, owner_ids = parse_list(samples), parse_list(owners)
     if not sample_ids and not owner_ids:
         raise click.UsageError("give --samples or --owners (or both)")
@@ -60,11 +66,20 @@ def forget(workspace: Workspace, model: str, samples: str | None, owners: str | 
     with tmu_errors():
         client = _client(workspace)
         accepted = client.forget(model, sample_ids, owner_ids, idempotency_key, method, options)
-        if not wait or accepted.get("job_id") is None:
+        if not wait or accepted.get("request_id") is None:
             echo_json(accepted)
             return
-        job = wait_with_bar(client, accepted["job_id"], timeout)
-    _show_finished(workspace, job)
+        for entry in accepted["jobs"]:
+            wait_with_bar(client, entry["job_id"], timeout)
+        view = client.wait_request(accepted["request_id"], timeout=timeout)
+        jobs = [client.job(entry["job_id"]) for entry in view["jobs"]]
+    for job in jobs:
+        _show_finished(workspace, job)
+    if view["state"] != "succeeded":
+        raise click.ClickException(f"forget request {view['request_id']} is {view['state']}")
+    pixels = (f"{view['pending_wipe']} sample(s) wait for another model before their pixels are wiped"
+              if view["pending_wipe"] else "every sample's pixels wiped")
+    click.echo(f"request {view['request_id']} succeeded: {len(jobs)} model(s) unlearned, {pixels}")
 
 
 def _show_finished(workspace: Workspace, job: dict[str, Any]) -> None:
@@ -113,10 +128,16 @@ def versions(workspace: Workspace, model: str) -> None:
     """List MODEL's versions with their state, lineage and forget request."""
     with tmu_errors():
         body = _client(workspace).versions(model)
-    click.echo(f"{'version':<9}{'state':<13}{'parent':<8}{'forget request':<18}{'created':<28}archive")
+    click.echo(f"{'version':<9}{'state':<13}{'parent':<8}{'forget request':<18}{'trained on':>11}  "
+               f"{'created':<28}archive")
     for v in body["versions"]:
+        size = "-" if v.get("trained_on") is None else str(v["trained_on"])
         click.echo(f"{v['version']:<9}{v['state']:<13}{str(v['parent'] or '-'):<8}"
-                   f"{(v['forget_request'] or '-'):<18}{v['created_at'][:26]:<28}{Path(v['archive']).name}")
+                   f"{(v['forget_request'] or '-'):<18}{size:>11}  {v['created_at'][:26]:<28}"
+                   f"{Path(v['archive']).name}")
+    click.echo(f"forgotten samples: {body.get('forgotten', 0)}; owed again after a rollback: "
+               f"{body.get('owed', 0)}" + (" (forgetting them again takes a retrain on the retained data)"
+                                           if body.get("owed") else ""))
 
 
 @cli.command("report")
@@ -179,14 +200,17 @@ def extension_group() -> None:
 @extension_group.command("start")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @click.option("--device", default="auto", show_default=True, help="Where jobs run: auto, cpu, cuda, cuda:N.")
+@click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
 @click.pass_obj
-def extension_start(workspace: Workspace, port: int, device: str) -> None:
+def extension_start(workspace: Workspace, port: int, device: str, retention: str) -> None:
     """Start the extension service in the background (loopback, token in <home>/serve/extension.key)."""
-    from tmu_core.service import server
     from tmu_core.forget.dispatcher import WorkerSettings
+    from tmu_core.service import server
+    from tmu_core.service.rollback import parse_duration
 
     with tmu_errors():
-        info = server.start(workspace, server.ServiceConfig(port=port, worker=WorkerSettings(device=device)))
+        worker = WorkerSettings(device=device, retention_s=parse_duration(retention).total_seconds())
+        info = server.start(workspace, server.ServiceConfig(port=port, worker=worker))
     echo_json(info)
 
 

@@ -13,9 +13,12 @@ from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace
 from tmu_core.serving.archive import package_version
 from tmu_core.state.versions import VersionRegistry
+from tmu_core.cli.forget_cmd import RETENTION_HELP
+from tmu_core.forget.dispatcher import WorkerSettings
+from tmu_core.service.rollback import parse_duration
+from tmu_core.service.server import ServiceConfig
 from tmu_core.service.server import status as extension_status
 from tmu_core.service.stack import start_stack, stop_stack
-from tmu_core.serving.clients import InferenceClient
 from tmu_core.serving.torchserve import TorchServe, TorchServeConfig
 
 logger = logging.getLogger(__name__)
@@ -79,9 +82,10 @@ def serve_group() -> None:
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds to wait for each model's worker to become READY.")
 @click.option("--no-extension", is_flag=True, help="Start TorchServe only, not the management extension.")
+@click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
 @click.pass_obj
 def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
-                no_extension: bool) -> None:
+                no_extension: bool, retention: str) -> None:
     """Start what is not running of TorchServe and the management extension; wait until every model is READY.
 
     A TorchServe that runs is kept (a model it lacks is registered); one that died is started again with each
@@ -92,8 +96,9 @@ def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path
             config_path = Path("config.properties")
         config = (TorchServeConfig.from_properties(config_path, workspace.model_store) if config_path
                   else TorchServeConfig(model_store=workspace.model_store))
+        worker = WorkerSettings(retention_s=parse_duration(retention).total_seconds())
         started = start_stack(workspace, config, list(models) or None, with_extension=not no_extension,
-                              timeout=timeout)
+                              timeout=timeout, service=ServiceConfig(worker=worker))
     status, ext = started.torchserve, started.extension
     echo_json({"inference_url": status.inference_url, "management_url": status.management_url,
                "metrics_url": status.metrics_url, "key_file": str(status.key_file) if status.key_file else None,
@@ -134,8 +139,7 @@ def predict(workspace: Workspace, images: tuple[Path, ...], model_name: str, ver
     """Classify IMAGES (JPEG or PNG files) with the running TorchServe."""
     with tmu_errors():
         server = _server(workspace)
-        token = server.keys().inference if server.config.token_auth else None
-        client = InferenceClient(server.config.url("inference"), token)
+        client = server.inference()  # follows key_file.json, renewing an expired key
         answers = []
         for path in images:
             result = client.predict(model_name, path.read_bytes(), version=version)

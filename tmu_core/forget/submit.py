@@ -69,7 +69,7 @@ def _scoped(store: StateStore, record: RequestRecord, scope: str | None) -> dict
     if scope is None or not record.jobs:
         return {**view, "job_id": None}
     job = store.jobs.get(record.jobs[0]["job_id"])
-    return {**view, "job_id": job.id, "model": job.model, "samples": len(job.sample_ids),
+    return {**view, "job_id": job.id, "job_state": job.state, "model": job.model, "samples": len(job.sample_ids),
             "merged_into": job.merged_into, "links": {"job": f"/jobs/{job.id}", "request": f"/requests/{record.id}"}}
 
 

@@ -118,7 +118,8 @@ def forget_samples(conn: sqlite3.Connection, blob_path: Path, ids: list[str], re
             result = _tombstone(conn, wanted, request_id, ids_hash, key)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on some errors (a full disk): keep the real one
+            conn.execute("ROLLBACK")
         raise
     _between_steps()
     wipe_pending(conn, blob_path)
@@ -157,7 +158,8 @@ def wipe_pending(conn: sqlite3.Connection, blob_path: Path) -> int:
         conn.executemany("DELETE FROM pending_wipe WHERE sample_id = ?", [(row[0],) for row in pending])
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on some errors (a full disk): keep the real one
+            conn.execute("ROLLBACK")
         raise
     # Move the committed pages into the main file and empty the WAL, so old page copies do not linger there.
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -180,7 +180,10 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             raise ModelNotFoundError(f"model {model!r} has no recorded versions; known models: "
                                      f"{', '.join(state.registry.models()) or 'none'}")
         serving = next((r.version for r in records if r.state == "serving"), None)
-        return {"model": model, "serving": serving, "versions": [r.to_json() for r in records]}
+        members = state.registry.membership
+        versions = [{**r.to_json(), "trained_on": _size(members.members(model, r.version))} for r in records]
+        return {"model": model, "serving": serving, "versions": versions,
+                "forgotten": len(members.forgotten(model)), "owed": len(members.owed(model))}
 
     @app.post("/models/{model}/rollback")
     def rollback(model: str, body: RollbackBody) -> dict[str, Any]:
@@ -188,6 +191,10 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
 
         result = do_rollback(state.workspace, model, body.to_version, undo_forgets=body.undo_forgets)
         return result.to_json()
+
+
+def _size(members: set[str] | None) -> int | None:
+    return None if members is None else len(members)
 
 
 def _submit_forget(state: ServiceState, scope: str | None, body: ForgetBody) -> JSONResponse:

@@ -76,15 +76,38 @@ class ExtensionClient:
             raise _error(resp, f"{method} {path}")
         return resp.json()
 
-    def forget(self, model: str, sample_ids: list[str] | None = None, owner_ids: list[str] | None = None,
+    def forget(self, model: str | None, sample_ids: list[str] | None = None, owner_ids: list[str] | None = None,
                idempotency_key: str | None = None, method: str = "tmu",
                options: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``POST /forget/{model}``: the accepted job (``job_id``) or ``job_id: None`` when nothing was left."""
+        """``POST /forget`` (every model trained on the samples; ``model`` None) or ``POST /forget/{model}``:
+        the accepted request (``request_id``, its ``jobs``), or ``state: nothing_to_do``."""
         body = {"sample_ids": sample_ids or [], "owner_ids": owner_ids or [], "method": method,
                 "options": options or {}}
         if idempotency_key:
             body["idempotency_key"] = idempotency_key
-        return self._call("POST", f"/forget/{model}", json=body)
+        return self._call("POST", "/forget" if model is None else f"/forget/{model}", json=body)
+
+    def request(self, request_id: str) -> dict[str, Any]:
+        """``GET /requests/{id}``."""
+        return self._call("GET", f"/requests/{request_id}")
+
+    def wait_request(self, request_id: str, timeout: float = 3600.0, poll_s: float = 0.5,
+                     on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll a forget request until it is no longer ``pending`` (or ``timeout`` passed).
+
+        Raises:
+            ServerError: still pending after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.request(request_id)
+            if on_update is not None:
+                on_update(view)
+            if view["state"] != "pending":
+                return view
+            if time.monotonic() > deadline:
+                raise ServerError(f"forget request {request_id} still pending after {timeout:.0f}s: {view['jobs']}")
+            time.sleep(poll_s)
 
     def job(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{id}``."""

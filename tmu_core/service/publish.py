@@ -35,9 +35,10 @@ def read_manifest(path: Path) -> list[str]:
     return ids
 
 
-def training_ids(workspace: Workspace, checkpoint: Path, trained_on: list[str] | None = None) -> list[str]:
+def training_ids(workspace: Workspace, checkpoint: Path, trained_on: list[str] | None = None) -> list[str] | None:
     """The ids ``checkpoint`` was trained on: ``trained_on`` if given, else the index's training split, checked
-    against the checkpoint's recorded fingerprint.
+    against the checkpoint's recorded fingerprint. None when the workspace has no index and no ids were given:
+    the version then counts as trained on every training sample an index will hold (the safe reading).
 
     Raises:
         InvalidInputError: the ids do not match the fingerprint (the message says how to fix it), or name
@@ -48,6 +49,10 @@ def training_ids(workspace: Workspace, checkpoint: Path, trained_on: list[str] |
     from tmu_core.train import load_checkpoint
 
     _, meta = load_checkpoint(checkpoint, "cpu")
+    if trained_on is None and not (workspace.index_dir / "index.sqlite").is_file():
+        logger.warning("no training index at %s: %s is recorded as trained on every training sample",
+                       workspace.index_dir, checkpoint)
+        return None
     with TrainingIndex.open(workspace.index_dir) as index:
         ids = sorted(set(trained_on)) if trained_on is not None else index.ids("train")
         if trained_on is not None:
@@ -60,7 +65,7 @@ def training_ids(workspace: Workspace, checkpoint: Path, trained_on: list[str] |
     return ids
 
 
-def record_package(workspace: Workspace, result: PackageResult, members: list[str]) -> VersionRecord:
+def record_package(workspace: Workspace, result: PackageResult, members: list[str] | None) -> VersionRecord:
     """Record a packaged version: ``serving`` if the model has none yet, else ``superseded`` (it waits for a
     rollback to it), with its training membership."""
     registry = VersionRegistry(workspace.state_db)

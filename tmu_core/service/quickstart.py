@@ -207,9 +207,8 @@ def _serve_and_forget(workspace: Workspace, server: Any, index: Any, config: Qui
     from tmu_core.forget.dispatcher import WorkerSettings
     from tmu_core.forget.report import REPORT_PNG
     from tmu_core.service.server import ServiceConfig, in_process
-    from tmu_core.serving import InferenceClient
 
-    infer = InferenceClient(server.config.url("inference"), server.keys().inference)
+    infer = server.inference()
     probe = index.ids("test")[0]
     image = sample_png(index, probe)
     before = infer.predict(MODEL, image)

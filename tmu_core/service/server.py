@@ -278,7 +278,8 @@ def start(workspace: Workspace, config: ServiceConfig | None = None, timeout: fl
     _refuse_second_writer(workspace)
     workspace.ensure_dirs()
     cmd = [sys.executable, "-m", "tmu_core.service.server", "--home", str(workspace.home), "--model-store",
-           str(workspace.model_store), "--port", str(config.port), "--device", config.worker.device]
+           str(workspace.model_store), "--port", str(config.port), "--device", config.worker.device,
+           "--retention-s", str(config.worker.retention_s)]
     log_fd = os.open(workspace.serve_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     with os.fdopen(log_fd, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -340,11 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", required=True, type=Path)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--retention-s", type=float, default=0.0,
+                        help="seconds the files of a version holding forgotten samples are kept after it stops serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     workspace = Workspace(home=args.home, model_store=args.model_store)
     try:
-        serve_forever(workspace, ServiceConfig(port=args.port, worker=WorkerSettings(device=args.device)))
+        worker = WorkerSettings(device=args.device, retention_s=args.retention_s)
+        serve_forever(workspace, ServiceConfig(port=args.port, worker=worker))
     except ConflictError as err:
         logger.error("not started: %s", err)
         return 3

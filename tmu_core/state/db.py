@@ -64,7 +64,8 @@ def write_tx(path: Path) -> Iterator[StateConnection]:
             yield conn
         except BaseException:
             conn.after_commit.clear()
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite already rolled back on some errors (a full disk): keep the real one
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
         _run_after_commit(conn)
