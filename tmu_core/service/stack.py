@@ -17,10 +17,10 @@ from pathlib import Path
 from tmu_core.config import Workspace
 from tmu_core.errors import ModelNotFoundError, TmuError
 from tmu_core.service import server as extension
-from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import ServiceConfig, ServiceInfo
 from tmu_core.serving.archive import latest_archives
 from tmu_core.serving.torchserve import ServerStatus, TorchServe, TorchServeConfig
+from tmu_core.state.versions import VersionRegistry
 
 logger = logging.getLogger(__name__)
 
