@@ -113,3 +113,25 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(InvalidInputError, match="use a number and a unit s, m, h, d or w"):
         parse_duration(text)
+
+
+def test_rollback_is_refused_while_a_worker_holds_the_model(chain) -> None:
+    """A job's worker holds the model's lock for its whole run; a rollback meanwhile is refused, naming it."""
+    import subprocess
+    import sys
+
+    from tmu_core.state.locks import model_lock_path
+
+    script = ("import sys, time; from tmu_core.config import Workspace; from tmu_core.state.locks import model_lock; "
+              f"ws = Workspace(home={str(chain.home)!r}, model_store={str(chain.model_store)!r}); "
+              "cm = model_lock(ws, 'm', holder='fj-running'); cm.__enter__(); print('held', flush=True); "
+              "time.sleep(30)")
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "held"
+        with pytest.raises(ConflictError, match=r"model 'm' is busy: pid \d+ \(fj-running"):
+            rollback(chain, "m", 2, undo_forgets=True)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert model_lock_path(chain, "m").exists()
