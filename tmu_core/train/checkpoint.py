@@ -42,6 +42,8 @@ class CheckpointMeta:
         train_size: number of training samples.
         parent: what this checkpoint derives from (e.g. the model version it was unlearned from), or None.
         created_at: ISO 8601 UTC time of creation.
+        preprocess: how a raw image becomes the model's input (``tmu_core.preprocess.Preprocess.to_dict``);
+            None for a checkpoint made before it was recorded: then the input is ``image_size`` square.
     """
 
     arch: str
@@ -57,6 +59,7 @@ class CheckpointMeta:
     train_size: int
     parent: str | None = None
     created_at: str = field(default_factory=utc_now)
+    preprocess: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -92,7 +95,7 @@ class CheckpointMeta:
         if not isinstance(data, dict):
             raise CheckpointError(f"checkpoint meta must be a dict, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.name not in ("parent", "created_at")}
+        required = {f.name for f in fields(cls) if f.name not in ("parent", "created_at", "preprocess")}
         missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
         if missing or unknown:
             raise CheckpointError(f"checkpoint meta: missing keys {missing}, unknown keys {unknown}")
