@@ -31,7 +31,7 @@ from typing import Any
 
 from tmu_core.errors import InvalidInputError
 from tmu_core.state.db import StateConnection, dumps, read_conn, utc_now, write_tx
-from tmu_core.state.secret import keyed_id, load_or_create_secret
+from tmu_core.state.secret import fsync_dir, keyed_id, load_or_create_secret
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def append_head_line(path: Path, record: AuditRecord) -> None:
     finally:
         os.close(fd)
     if size == 0:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def read_head_file(path: Path) -> AuditHead | None:
@@ -339,10 +339,3 @@ def _last_head(data: bytes) -> AuditHead | None:
             return AuditHead(int(parts[0]), parts[1].lower())
     return None
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -81,7 +81,7 @@ def _create_secret(path: Path) -> None:
         logger.debug("workspace secret %s was created by another process", path)
     finally:
         tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_secret(path: Path) -> bytes:
@@ -100,7 +100,8 @@ def _read_secret(path: Path) -> bytes:
     return secret
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a file created or linked in it) to disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
