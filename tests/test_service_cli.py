@@ -49,6 +49,21 @@ def test_forget_jobs_versions(running) -> None:
     assert versions.exit_code == 0 and "serving" in versions.output and "m-v1.mar" in versions.output
 
 
+def test_forget_without_a_model_asks_every_model_trained_on_the_samples(running) -> None:
+    workspace, _ = running
+    record_fake_version(workspace, "n", members=["train/a/0000", "train/b/0000"])
+    result = _run(workspace, "forget", "--owners", "owner-a-0")
+    assert result.exit_code == 0, result.output
+    accepted = json.loads(result.output)
+    assert accepted["scope"] == "all" and accepted["state"] == "pending"
+    # m's membership is unknown (read as every sample), n was trained on train/a/0000 only of the owner's three
+    by_model = {j["model"]: JobStore(workspace.state_db).get(j["job_id"]) for j in accepted["jobs"]}
+    assert sorted(by_model) == ["m", "n"] and by_model["n"].sample_ids == ["train/a/0000"]
+    assert len(by_model["m"].sample_ids) == 3
+    versions = _run(workspace, "versions", "n")
+    assert versions.exit_code == 0 and "forgotten samples: 0; owed again after a rollback: 0" in versions.output
+
+
 def test_errors_are_clear(running) -> None:
     workspace, _ = running
     usage = _run(workspace, "forget", "m")
