@@ -84,9 +84,15 @@ def register(workspace: Workspace, model: str, version: int, archive: Path, sett
         return
     started = time.perf_counter()
     client.register(archive.name, model_name=model, synchronous=True, timeout=settings.register_timeout_s)
+    # A synchronous registration can return while the worker is still starting (seen under load): poll.
+    deadline = time.perf_counter() + settings.register_timeout_s
     infos = client.describe(model, version)
-    if not infos or not infos[0].ready:
-        raise ServerError(f"model {model} version {version} registered but no worker is READY")
+    while not (infos and infos[0].ready):
+        if time.perf_counter() > deadline:
+            raise ServerError(f"model {model} version {version} registered but no worker became READY within "
+                              f"{settings.register_timeout_s:.0f}s")
+        time.sleep(settings.poll_s * 4)
+        infos = client.describe(model, version)
     logger.info("registered model=%s version=%d in %.1fs", model, version, time.perf_counter() - started)
 
 
