@@ -4,6 +4,7 @@ from tmu_core.cli import (  # noqa: F401
     audit_cmd,
     evaluate_cmd,
     forget_cmd,
+    import_cmd,
     index_cmd,
     quickstart_cmd,
     serve_cmd,

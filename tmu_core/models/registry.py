@@ -7,6 +7,7 @@ beyond ``x.float() / 255``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -22,6 +23,8 @@ Builder = Callable[..., "Classifier"]
 B = TypeVar("B", bound=Callable[..., "Classifier"])
 
 _REGISTRY: dict[str, Builder] = {}
+# "prefix" -> builder(name, num_classes=..., in_channels=..., image_size=..., mean=..., std=...) for "prefix:name".
+_NAMESPACES: dict[str, Callable[..., "Classifier"]] = {}
 
 
 class Classifier(nn.Module):
@@ -126,6 +129,21 @@ def register_model(name: str) -> Callable[[B], B]:
     return wrap
 
 
+def register_namespace(prefix: str, builder: Callable[..., "Classifier"]) -> None:
+    """Route every architecture named ``"<prefix>:<name>"`` to ``builder(name, num_classes=..., ...)``.
+
+    Imported architectures (``torchvision:resnet50``) are rebuilt this way from a checkpoint's ``meta.arch``.
+
+    Raises:
+        InvalidInputError: the prefix is not lowercase or is already taken.
+    """
+    if not prefix or prefix != prefix.lower() or not prefix.isalnum():
+        raise InvalidInputError(f"namespace must be lowercase letters and digits, got {prefix!r}")
+    if prefix in _NAMESPACES:
+        raise InvalidInputError(f"namespace {prefix!r} is already registered")
+    _NAMESPACES[prefix] = builder
+
+
 def list_models() -> list[str]:
     """Registered architecture names, sorted."""
     return sorted(_REGISTRY)
@@ -142,7 +160,7 @@ def build_model(
     """Build a freshly initialised model (on the CPU, in train mode) from the registry.
 
     Args:
-        arch: a name from :func:`list_models`.
+        arch: a name from :func:`list_models`, or ``"<namespace>:<name>"`` (e.g. ``"torchvision:resnet50"``).
         num_classes: number of output logits (>= 2).
         in_channels: image channels.
         image_size: side of the square input images.
@@ -155,12 +173,15 @@ def build_model(
     Raises:
         InvalidInputError: unknown arch (the message lists the valid ones) or bad shape arguments.
     """
-    if arch not in _REGISTRY:
-        raise InvalidInputError(f"unknown model architecture {arch!r}; valid: {', '.join(list_models())}")
+    prefix, sep, name = arch.partition(":")
+    builder: Callable[..., Classifier] | None = _REGISTRY.get(arch)
+    if sep and prefix in _NAMESPACES:
+        builder = functools.partial(_NAMESPACES[prefix], name)
+    if builder is None:
+        spaces = "".join(f", {p}:<name>" for p in sorted(_NAMESPACES))
+        raise InvalidInputError(f"unknown model architecture {arch!r}; valid: {', '.join(list_models())}{spaces}")
     _check_shape_args(num_classes, in_channels, image_size)
-    model = _REGISTRY[arch](
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
-    )
+    model = builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std)
     if not isinstance(model, Classifier):
         raise InvalidInputError(f"builder of {arch!r} returned {type(model).__name__}, not a Classifier")
     model.arch = arch

@@ -39,7 +39,9 @@ def recipe_config(meta: Any) -> Any:
     recipe = getattr(meta, "recipe", None)
     if not isinstance(recipe, dict):
         raise InvalidInputError("this method needs the checkpoint metadata's training recipe (meta.recipe)")
-    if isinstance(recipe.get("train"), dict):  # a derived model keeps its original recipe under "train"
+    while isinstance(recipe.get("base"), dict) and "unlearn" in recipe:  # an unlearned model: its parent's
+        recipe = recipe["base"]
+    if isinstance(recipe.get("train"), dict):  # a derived or imported model keeps its recipe under "train"
         recipe = recipe["train"]
     return TrainConfig.from_dict(recipe)
 
