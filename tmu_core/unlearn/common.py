@@ -25,9 +25,20 @@ logger = logging.getLogger(__name__)
 as_input = to_float
 
 
+def inference_batch(images: torch.Tensor, base: int = 256) -> int:
+    """Images per inference batch: ``base`` at 32x32, scaled down with the pixel count (at least 8), so that a
+    224x224 model's activations take about the memory of a 32x32 one's."""
+    pixels = int(images.shape[-1]) * int(images.shape[-2]) if images.dim() >= 2 else 1024
+    return max(8, min(base, base * 1024 // max(1, pixels)))
+
+
 def batched(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
-            batch_size: int = 256) -> torch.Tensor:
-    """Apply ``model_fn`` to [0, 1] inputs batch by batch under inference mode; results gathered on ``device``."""
+            batch_size: int | None = None) -> torch.Tensor:
+    """Apply ``model_fn`` to [0, 1] inputs batch by batch under inference mode; results gathered on ``device``.
+
+    ``batch_size`` None follows the input size (:func:`inference_batch`).
+    """
+    batch_size = batch_size or inference_batch(images)
     outputs = []
     with torch.inference_mode():
         for start in range(0, images.shape[0], batch_size):
@@ -35,13 +46,15 @@ def batched(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     return torch.cat(outputs) if outputs else torch.empty(0, device=device)
 
 
-def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device,
+              batch_size: int | None = None) -> torch.Tensor:
     """(N, K) logits of uint8 images, model in eval mode."""
     with eval_mode(model):
         return batched(model, images, device, batch_size)
 
 
-def features_of(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def features_of(model: nn.Module, images: torch.Tensor, device: torch.device,
+                batch_size: int | None = None) -> torch.Tensor:
     """(N, D) penultimate-layer activations (``model.features``) of uint8 images, model in eval mode."""
     with eval_mode(model):
         return batched(model.features, images, device, batch_size)

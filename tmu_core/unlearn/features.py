@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmu_core.errors import InvalidInputError
-from tmu_core.unlearn.common import as_input, eval_mode, losses_of
+from tmu_core.unlearn.common import as_input, eval_mode, inference_batch, losses_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,21 @@ PAPER_FEATURES = ("df", "af", "cf")
 
 
 def _pairwise_topk(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """(Q, k) smallest L2 distances from each query row to the reference rows, ascending; padded if short."""
+    """(Q, k) smallest L2 distances from each query row to the reference rows, ascending; padded if short.
+
+    Both sides are taken in chunks (a running top-k over reference chunks), so memory stays at
+    ``chunk x chunk`` distances whatever the size of the retained set.
+    """
     out = []
     take = min(k, reference.shape[0])
     for start in range(0, query.shape[0], chunk):
-        dist = torch.cdist(query[start:start + chunk], reference)  # (q, R)
-        out.append(dist.topk(take, dim=1, largest=False).values)
+        block = query[start:start + chunk]
+        best = torch.empty(block.shape[0], 0, device=query.device)
+        for ref_start in range(0, reference.shape[0], chunk):
+            dist = torch.cdist(block, reference[ref_start:ref_start + chunk])  # (q, r)
+            best = torch.cat([best, dist], dim=1).topk(min(take, best.shape[1] + dist.shape[1]), dim=1,
+                                                       largest=False).values
+        out.append(best)
     values = torch.cat(out)
     if take < k:  # fewer references than N: repeat the farthest one found
         values = torch.cat([values, values[:, -1:].expand(-1, k - take)], dim=1)
@@ -58,7 +67,7 @@ def distance_feature(query: torch.Tensor, query_labels: torch.Tensor, reference:
         same_class: only compare with retained samples of the query's class (the public code's choice);
             a class without retained samples falls back to all of them.
         normalise: L2-normalise the features first (the public code's choice).
-        chunk: queries per distance matrix, to bound memory.
+        chunk: query and reference rows per distance block, to bound memory.
 
     Returns:
         (Q, top_n) distances, ascending in each row.
@@ -109,7 +118,7 @@ def pgd_attack(model: nn.Module, x01: torch.Tensor, labels: torch.Tensor, eps: f
 
 def adversarial_feature(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                         eps: float = 4 / 255, steps: int = 5, step_size: float | None = None,
-                        batch_size: int = 256) -> torch.Tensor:
+                        batch_size: int | None = None) -> torch.Tensor:
     """AF: H(p_clean, p_adv) = -sum_k softmax(clean)_k * log_softmax(adv)_k per sample (paper Eq. 6).
 
     Args:
@@ -120,12 +129,13 @@ def adversarial_feature(model: nn.Module, images: torch.Tensor, labels: torch.Te
         eps: L-inf budget in [0, 1] pixel units.
         steps: PGD iterations.
         step_size: per-step size; ``eps / 4`` when None.
-        batch_size: samples per attack batch.
+        batch_size: samples per attack batch; None follows the input size (``inference_batch``).
 
     Returns:
         (N,) float feature on ``device``.
     """
     step = eps / 4 if step_size is None else step_size
+    batch_size = batch_size or inference_batch(images)
     out = []
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
