@@ -1,18 +1,21 @@
 """TorchServe handler for tmu-serve archives: a thin adapter over ``tmu_core.serving.inference``.
 
-Requests (one image each; TorchServe groups them into batches of the archive's ``batchSize``):
+Requests (TorchServe groups them into batches of the archive's ``batchSize``):
 
-* the body holds JPEG or PNG bytes;
-* ``{"image": "<base64 JPEG or PNG>"}`` as JSON;
-* nested JSON lists of pixels, as the body or as ``{"image": [...]}``: (C, H, W) or (H, W, C),
-  ints 0..255 or floats in [0, 1].
+* the body holds image bytes (JPEG, PNG, WebP, BMP, GIF, TIFF; any size and mode), preprocessed by the
+  model version's ``Preprocess`` (see ``tmu_core.serving.decode``);
+* ``{"image": "<base64 image>"}`` as JSON;
+* several images: a JSON list of base64 images or ``{"images": [...]}``, answered with a list;
+* nested JSON lists of pixels at the model's input size, as the body or as ``{"image": [...]}``:
+  (C, H, W) or (H, W, C), ints 0..255 or floats in [0, 1].
 
-Each answer is ``{"predictions": [{"class", "index", "probability"}, ...top-k], "model_version": "<N>"}``.
+Each answer is ``{"predictions": [{"class", "index", "probability"}, ...top-k], "model_version": "<N>"}``
+(a list of those for a multi-image request).
 A bad item gets HTTP 400 with a message naming the item, what arrived and what is accepted, and
 ``{"error": message}`` in its slot; the other items of the batch are still answered.
 
 The ``handler:`` section of ``model-config.yaml`` picks the backend (``onnx`` or ``torch``), ``top_k``,
-``max_bytes`` and ``threads``.
+``max_bytes`` (per image), ``max_pixels`` (decompression bombs), ``max_images`` and ``threads``.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_one_bad_item_gets_its_own_400_and_the_rest_are_answered(model_dir, refe
     assert list(ctx.statuses) == [1]
     code, message = ctx.statuses[1]
     assert code == 400
-    assert message.startswith("image 2 of 4: expected JPEG or PNG bytes")
+    assert message.startswith("image 2 of 4: expected image bytes")
     assert "got 19 bytes starting b'not an i'" in message
     assert out[1] == {"error": message}
     for answer, pixels in zip((out[0], out[2], out[3]), good):
@@ -167,14 +167,12 @@ BAD_ITEMS = {
     "text, not an image": ({"body": "hello"}, "got 5 bytes starting b'hello'"),
     "bad JSON": ({"body": b'{"image": '}, "bad JSON"),
     "bad base64": ({"body": {"image": "@@not base64@@"}}, "'image' is not valid base64"),
-    "base64 of text": ({"body": {"image": base64.b64encode(b"plain text").decode()}}, "must hold JPEG or PNG"),
+    "base64 of text": ({"body": {"image": base64.b64encode(b"plain text").decode()}}, "got 10 bytes starting b'plain te'"),
     "no image key": ({"body": {"picture": "x"}}, "needs the key 'image'"),
-    "instances": ({"body": {"instances": ["x"]}}, "one image per request"),
+    "instances": ({"body": {"instances": ["x"]}}, "send {\"images\": [...]} for several"),
     "JSON number": ({"body": {"image": 7}}, "'image' must be a base64 string"),
-    "wrong size": ({"body": _encode(_pixels(5, size=8))}, "PNG image is 8x8, the model accepts 16x16 only"),
-    "wrong channels": ({"body": _encode(_pixels(5, channels=1))}, "mode L (1 channels)"),
-    "RGBA": ({"body": _encode(_pixels(5, channels=4))}, "mode RGBA (4 channels)"),
-    "corrupt JPEG": ({"body": b"\xff\xd8\xff" + b"\x00" * 50}, "corrupt or unreadable image"),
+    "wrong list size": ({"body": np.zeros((8, 8, 3), dtype=int).tolist()}, "pixel lists are not resized"),
+    "corrupt JPEG": ({"body": b"\xff\xd8\xff" + b"\x00" * 50}, "got 53 bytes starting"),
     "ragged lists": ({"body": [[1, 2], [3]]}, "ragged"),
     "strings in lists": ({"body": [["a"] * SIZE] * SIZE}, "numbers only"),
     "ints out of range": ({"body": np.full((SIZE, SIZE, 3), 300).tolist()}, "int pixels must be in 0..255"),

@@ -65,7 +65,8 @@ def test_package_writes_a_complete_archive(checkpoint, workspace):
     assert manifest == {"modelName": "tiny", "serializedFile": "checkpoint.pt", "handler": "tmu_handler.py",
                         "modelVersion": "1", "configFile": "model-config.yaml"}
     assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 30, "responseTimeout": 120,
-                      "handler": {"backend": "torch", "top_k": 3, "max_bytes": 1 << 20, "threads": 0}}
+                      "handler": {"backend": "torch", "top_k": 3, "max_bytes": 6 << 20, "max_pixels": 40_000_000,
+                                  "max_images": 64, "threads": 0}}
     assert result.sha256s["archive"] == _sha(result.archive.read_bytes())
 
 

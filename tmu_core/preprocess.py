@@ -53,10 +53,11 @@ class Preprocess:
     @classmethod
     def from_meta(cls, meta: Any) -> "Preprocess":
         """The preprocessing a checkpoint records, or ``image_size`` square for one that records none."""
-        recorded = getattr(meta, "preprocess", None)
+        get = meta.get if isinstance(meta, dict) else lambda name: getattr(meta, name, None)
+        recorded = get("preprocess")
         if recorded:
             return cls.from_dict(recorded)
-        return cls(size=int(meta.image_size), channels=int(meta.in_channels))
+        return cls(size=int(get("image_size")), channels=int(get("in_channels")))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocess":
@@ -77,14 +78,25 @@ class Preprocess:
 
     def apply(self, image: Image.Image) -> torch.Tensor:
         """A decoded image -> uint8 tensor (C, size, size), by the steps in the module docstring."""
-        image = ImageOps.exif_transpose(image)
+        image = to_8bit(ImageOps.exif_transpose(image))
         image = image.convert("RGB" if self.channels == 3 else "L")
         image = _resize_shorter(image, self.resize or self.size, INTERPOLATIONS[self.interpolation])
         image = _centre_crop(image, self.size)
         pixels = np.asarray(image, dtype=np.uint8)
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (C, H, W)
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (C, H, W), writable
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale (``I;16*``, ``I``) -> ``L`` by scaling 0..65535 to 0..255; other modes as they are.
+
+    PIL's own ``convert("L")`` clips such images at 255 instead of scaling them, turning most photos white.
+    """
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    wide = np.asarray(image).astype(np.float64)  # (H, W)
+    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
 
 
 def _resize_shorter(image: Image.Image, side: int, method: Image.Resampling) -> Image.Image:

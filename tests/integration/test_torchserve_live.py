@@ -143,7 +143,7 @@ def test_a_batch_with_a_malformed_item(served):
         t.join(60)
     assert [r.status_code for r in results] == [200, 400, 200, 200]
     error = results[1].json()["error"]
-    match = re.match(r"image (\d) of (\d): expected JPEG or PNG bytes", error)
+    match = re.match(r"image (\d) of (\d): expected image bytes", error)
     assert match, error
     assert int(match.group(2)) >= 2, f"the bad item was not batched with others: {error}"
     assert "got 23 bytes starting b'definite'" in error
@@ -156,10 +156,10 @@ def test_a_batch_with_a_malformed_item(served):
     (b"hello", "text/plain", "got 5 bytes starting b'hello'"),
     (b'{"image": "%%%"}', "application/json", "'image' is not valid base64"),
     (b'{"image": [1, 2', "application/json", "bad JSON"),
-    (None, "image/png", "PNG image is 8x8, the model accepts 16x16 only"),
+    (None, "image/png", "corrupt or unreadable image"),  # a truncated PNG
 ])
 def test_bad_inputs_get_400_with_a_message(served, body, content_type, fragment):
-    data = _png(3, size=8)[0] if body is None else body
+    data = _png(3)[0][:60] if body is None else body
     resp = served.post(data, **{"Content-Type": content_type})
     assert resp.status_code == 400, resp.text
     assert fragment in resp.json()["error"]

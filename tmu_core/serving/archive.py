@@ -28,8 +28,8 @@ import yaml
 from tmu_core.config import Workspace
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError, ModelNotFoundError
 from tmu_core.serving.export import OnnxCheck, export_onnx, sha256_file
-from tmu_core.serving.inference import (BACKENDS, CHECKPOINT_FILE, DEFAULT_MAX_BYTES, META_FILE, ONNX_FILE,
-                                       HandlerSettings)
+from tmu_core.serving.inference import (BACKENDS, CHECKPOINT_FILE, DEFAULT_MAX_BYTES, DEFAULT_MAX_IMAGES,
+                                       DEFAULT_MAX_PIXELS, META_FILE, ONNX_FILE, HandlerSettings)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class ServingOptions:
     max_batch_delay: int = 20
     top_k: int = 5
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_images: int = DEFAULT_MAX_IMAGES
     min_workers: int = 1
     max_workers: int = 1
     response_timeout: int = 120
@@ -57,7 +59,7 @@ class ServingOptions:
         if self.backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for name, low in (("batch_size", 1), ("max_batch_delay", 0), ("top_k", 1), ("max_bytes", 1),
-                          ("min_workers", 1), ("max_workers", 1), ("response_timeout", 1), ("threads", 0)):
+                          ("max_pixels", 1), ("max_images", 1), ("min_workers", 1), ("max_workers", 1), ("response_timeout", 1), ("threads", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")

@@ -21,6 +21,7 @@ import torch
 
 from tmu_core.device import generator
 from tmu_core.errors import CheckpointError, InvalidInputError
+from tmu_core.preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def export_onnx(model: torch.nn.Module, meta: Any, path: Path, batch: int = 8, o
 
     Args:
         model: a classifier taking float images (N, C, H, W) in [0, 1].
-        meta: a ``CheckpointMeta`` (or its dict) giving ``in_channels`` and ``image_size``.
+        meta: a ``CheckpointMeta`` (or its dict); the input shape comes from ``Preprocess.from_meta(meta)``.
         path: where the ``.onnx`` file goes; replaced only when the check passes.
         batch: the larger of the two checked batch sizes (the other is 1, or 3 when ``batch`` is 1).
         opset: ONNX opset version.
@@ -91,8 +92,9 @@ def export_onnx(model: torch.nn.Module, meta: Any, path: Path, batch: int = 8, o
     """
     if batch < 1:
         raise InvalidInputError(f"batch must be >= 1, got {batch}")
-    shape = (int(_meta_value(meta, "in_channels")), int(_meta_value(meta, "image_size")),
-             int(_meta_value(meta, "image_size")))
+    _meta_value(meta, "in_channels"), _meta_value(meta, "image_size")
+    preprocess = Preprocess.from_meta(meta)
+    shape = (preprocess.channels, preprocess.size, preprocess.size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu_model = copy.deepcopy(model).to("cpu").eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from tmu_core.errors import CheckpointError, InvalidInputError
-from tmu_core.serving.decode import ImageSpec, decode_payload, request_payload
+from tmu_core.preprocess import Preprocess
+from tmu_core.serving.decode import DEFAULT_MAX_PIXELS, DecodedRequest, ImageSpec, decode_request, request_payload
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ BACKENDS = ("onnx", "torch")
 META_FILE = "meta.json"
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
-DEFAULT_MAX_BYTES = 1 << 20  # 1 MiB: far above a 224x224 PNG, far below TorchServe's 6.5 MB request cap
+DEFAULT_MAX_BYTES = 6 << 20  # 6 MiB an image: a phone photo, just below TorchServe's 6.5 MB request cap
+DEFAULT_MAX_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -36,19 +38,24 @@ class HandlerSettings:
     Attributes:
         backend: ``"onnx"`` (ONNX Runtime on ``model.onnx``) or ``"torch"`` (the checkpoint).
         top_k: classes returned per image; capped at the number of classes.
-        max_bytes: largest accepted request payload, in bytes.
+        max_bytes: largest accepted image (encoded bytes), in bytes.
+        max_pixels: largest accepted width * height of an image, read from its header before decoding
+            (decompression bombs are refused with a 400).
+        max_images: most images in one request (a JSON list or ``{"images": [...]}``).
         threads: intra-op threads for the backend; 0 keeps the library default.
     """
 
     backend: str = "torch"
     top_k: int = 5
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_images: int = DEFAULT_MAX_IMAGES
     threads: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InvalidInputError(f"handler.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name, low in (("top_k", 1), ("max_bytes", 1), ("threads", 0)):
+        for name, low in (("top_k", 1), ("max_bytes", 1), ("max_pixels", 1), ("max_images", 1), ("threads", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"handler.{name} must be an int >= {low}, got {value!r}")
@@ -61,7 +68,7 @@ class HandlerSettings:
             InvalidInputError: unknown keys or invalid values.
         """
         section = dict((model_yaml or {}).get("handler") or {})
-        known = {"backend", "top_k", "max_bytes", "threads"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
             raise InvalidInputError(f"unknown handler settings {unknown}; accepted: {sorted(known)}")
@@ -75,6 +82,7 @@ class ServingMeta:
     class_names: tuple[str, ...]
     in_channels: int
     image_size: int
+    preprocess: Preprocess | None = None
 
     @classmethod
     def from_dict(cls, meta: Mapping[str, Any]) -> "ServingMeta":
@@ -89,7 +97,12 @@ class ServingMeta:
         names = tuple(str(n) for n in meta["class_names"])
         if len(names) != int(meta["num_classes"]):
             raise CheckpointError(f"model metadata has {len(names)} class names for num_classes={meta['num_classes']}")
-        return cls(class_names=names, in_channels=int(meta["in_channels"]), image_size=int(meta["image_size"]))
+        try:
+            preprocess = Preprocess.from_meta(dict(meta))
+        except InvalidInputError as err:
+            raise CheckpointError(f"model metadata has a bad preprocess: {err}") from err
+        return cls(class_names=names, in_channels=int(meta["in_channels"]), image_size=int(meta["image_size"]),
+                   preprocess=preprocess)
 
 
 class Predictor(Protocol):
@@ -190,7 +203,7 @@ class ItemResult:
     """The answer to one request of a batch: ``status`` 200 with ``body`` = predictions, else an error."""
 
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any] | list[dict[str, Any]]
 
 
 class ClassifierService:
@@ -201,7 +214,8 @@ class ClassifierService:
         self.meta = meta
         self.settings = settings
         self.version = version
-        self.spec = ImageSpec(meta.in_channels, meta.image_size, settings.max_bytes)
+        preprocess = meta.preprocess or Preprocess(size=meta.image_size, channels=meta.in_channels)
+        self.spec = ImageSpec(preprocess, settings.max_bytes, settings.max_pixels, settings.max_images)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, model_yaml: Mapping[str, Any] | None, gpu_id: int | None,
@@ -214,28 +228,50 @@ class ClassifierService:
         except (OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"cannot read {meta_path}: {err}") from err
         predictor = load_predictor(Path(model_dir), settings, gpu_id)
-        logger.info("serving version=%s backend=%s shape=%s top_k=%d",
-                    version, predictor.name, (meta.in_channels, meta.image_size, meta.image_size), settings.top_k)
+        logger.info("serving version=%s backend=%s preprocess=%s top_k=%d",
+                    version, predictor.name, meta.preprocess, settings.top_k)
         return cls(predictor, meta, settings, version)
 
     def answer(self, items: Sequence[Any]) -> list[ItemResult]:
-        """One result per TorchServe request item, in order; bad items get status 400 and an error message."""
+        """One result per TorchServe request item, in order; bad items get status 400 and an error message.
+
+        A request carrying a list of images gets a list body, one entry per image (an image refused gets
+        ``{"error": ...}`` in its slot); its status is 400 only when every image was refused.
+        """
+        requests: list[DecodedRequest | None] = [None] * len(items)
         results: list[ItemResult | None] = [None] * len(items)
-        images, slots = [], []
         for idx, item in enumerate(items):
             where = f"image {idx + 1} of {len(items)}"
             try:
-                images.append(decode_payload(request_payload(item, where), self.spec, where))
-                slots.append(idx)
+                requests[idx] = decode_request(request_payload(item, where), self.spec, where)
             except InvalidInputError as err:
                 results[idx] = ItemResult(400, {"error": str(err)})
             except Exception as err:  # noqa: BLE001 - one odd payload must not take the batch down
                 logger.exception("decoding failed item=%d of %d", idx + 1, len(items))
-                msg = f"{where}: unreadable payload ({type(err).__name__}); expected a JPEG/PNG image or JSON"
+                msg = f"{where}: unreadable payload ({type(err).__name__}); expected an image or JSON"
                 results[idx] = ItemResult(400, {"error": msg})
-        if images:
-            batch = torch.stack(images)  # (N, C, H, W) float in [0, 1]
-            answers = top_k(self.predictor.logits(batch), self.meta.class_names, self.settings.top_k)
-            for idx, preds in zip(slots, answers):
-                results[idx] = ItemResult(200, {"predictions": preds, "model_version": self.version})
+        answers = iter(self._predict([r for r in requests if r is not None]))
+        for idx, request in enumerate(requests):
+            if request is not None:
+                results[idx] = _shape_result(request, [next(answers) for _ in request.images], self.version)
         return [r if r is not None else ItemResult(500, {"error": "no answer"}) for r in results]
+
+    def _predict(self, requests: list[DecodedRequest]) -> list[dict[str, Any] | None]:
+        """One forward pass over every good image of the batch; None in the slots of refused images."""
+        flat = [image for request in requests for image in request.images]
+        good = [image for image in flat if isinstance(image, torch.Tensor)]
+        if not good:
+            return [None] * len(flat)
+        # (N, C, size, size) float in [0, 1]
+        preds = iter(top_k(self.predictor.logits(torch.stack(good)), self.meta.class_names, self.settings.top_k))
+        return [{"predictions": next(preds)} if isinstance(image, torch.Tensor) else None for image in flat]
+
+
+def _shape_result(request: DecodedRequest, answers: list[dict[str, Any] | None], version: str) -> ItemResult:
+    bodies = [{**answer, "model_version": version} if answer is not None else {"error": str(image)}
+              for image, answer in zip(request.images, answers)]
+    if not request.multi:
+        return ItemResult(200 if answers[0] is not None else 400, bodies[0])
+    if all(answer is None for answer in answers):
+        return ItemResult(400, {"error": f"every image was refused: {bodies[0]['error']}", "results": bodies})
+    return ItemResult(200, bodies)

@@ -18,6 +18,7 @@ from tmu_core.device import generator, seed_everything, set_deterministic
 from tmu_core.errors import InvalidInputError
 from tmu_core.models import build_model
 from tmu_core.train.augment import crop_flip
+from tmu_core.preprocess import Preprocess
 from tmu_core.train.checkpoint import CheckpointMeta
 from tmu_core.train.config import TrainConfig, TrainHistory, TrainResult
 from tmu_core.train.loops import accuracy, check_images, check_labels, to_float
@@ -228,5 +229,6 @@ def train_model(
         arch=arch, num_classes=len(index.classes), class_names=tuple(index.classes), in_channels=channels,
         image_size=height, mean=mean, std=std, seed=cfg.seed, recipe=asdict(cfg),
         index_fingerprint=index.fingerprint(ids), train_size=len(ids), parent=parent,
+        preprocess=Preprocess(size=height, channels=channels).to_dict(),
     )
     return TrainResult(model=model, meta=meta, history=history)
