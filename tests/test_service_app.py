@@ -88,15 +88,16 @@ def test_unknown_ids_listed(empty_queue) -> None:
 
 
 @pytest.mark.parametrize("body, status, words", [
-    ({}, 400, "nothing to forget"),
-    ({"sample_ids": [], "owner_ids": []}, 400, "nothing to forget"),
+    ({}, 422, "nothing to forget"),
+    ({"sample_ids": [], "owner_ids": []}, 422, "nothing to forget"),
+    ({"sample_ids": [" "]}, 422, "sample_ids.0: String should match pattern"),
     ({"sample_ids": "train/a/0000"}, 422, "sample_ids"),
     ({"sample_ids": [""]}, 422, "sample_ids.0: String should have at least 1 character"),
     ({"sample_ids": ["x" * 257]}, 422, "sample_ids.0: String should have at most 256 characters"),
     ({"owner_ids": ["o"] * 10_001}, 422, "owner_ids: List should have at most 10000 items"),
     ({"sample_ids": ["train/a/0000"], "colour": "red"}, 422, "colour"),
     ({"sample_ids": ["train/a/0000"], "options": {"bogus": 1}}, 400, "bogus"),
-    ({"sample_ids": ["train/a/0000"], "method": "magic"}, 400, "unknown unlearning method 'magic'"),
+    ({"sample_ids": ["train/a/0000"], "method": "magic"}, 422, "method: Value error, unknown unlearning method 'magic'"),
 ])
 def test_bad_bodies_are_refused_with_the_field_named(empty_queue, body, status, words) -> None:
     _, running = empty_queue
