@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,10 @@ class TmuHandler:
         results = self.service.answer(data or [])
         for idx, result in enumerate(results):
             if result.status != 200:
-                context.set_response_status(result.status, result.body["error"], idx)
+                # The reason phrase is the standard one: TorchServe frames it by character count, so a
+                # non-ASCII phrase (a message quoting the client's bytes) corrupts the frame and kills the
+                # worker. The message itself travels in the JSON body.
+                context.set_response_status(result.status, HTTPStatus(result.status).phrase, idx)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("TmuHandlerTime", (time.perf_counter() - start) * 1000.0, None, "ms")
         logger.debug("batch=%d errors=%d", len(results), sum(r.status != 200 for r in results))

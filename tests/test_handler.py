@@ -152,8 +152,8 @@ def test_one_bad_item_gets_its_own_400_and_the_rest_are_answered(model_dir, refe
     out = handler.handle(items, ctx)
     assert len(out) == 4
     assert list(ctx.statuses) == [1]
-    code, message = ctx.statuses[1]
-    assert code == 400
+    assert ctx.statuses[1] == (400, "Bad Request")
+    message = out[1]["error"]
     assert message.startswith("image 2 of 4: expected image bytes")
     assert "got 19 bytes starting b'not an i'" in message
     assert out[1] == {"error": message}
@@ -188,8 +188,9 @@ def test_every_bad_input_kind_is_a_400_with_a_clear_message(model_dir, name):
     handler, ctx = _handler(model_dir)
     out = handler.handle([item, {"body": _encode(_pixels(6))}], ctx)
     assert len(out) == 2
-    code, message = ctx.statuses[0]
-    assert code == 400 and message.startswith("image 1 of 2: ")
+    assert ctx.statuses[0] == (400, "Bad Request")
+    message = out[0]["error"]
+    assert message.startswith("image 1 of 2: ")
     assert fragment in message
     assert out[0] == {"error": message}
     assert 1 not in ctx.statuses and len(out[1]["predictions"]) == 4

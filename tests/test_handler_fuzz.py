@@ -155,5 +155,60 @@ def test_the_handler_sets_a_400_per_bad_item(service, batch) -> None:
     answers = handler.handle(items, context)
     assert len(answers) == len(items)
     bad = {idx for idx, (keep, _, _) in enumerate(batch) if not keep}
-    assert set(context.statuses) == bad and all(code == 400 for code, _ in context.statuses.values())
-    assert all(answers[idx] == {"error": context.statuses[idx][1]} for idx in bad)
+    assert context.statuses == {idx: (400, "Bad Request") for idx in bad}
+    assert all(isinstance(answers[idx]["error"], str) and answers[idx]["error"] for idx in bad)
+
+
+def _read_frame(frame: bytes) -> list[tuple[int, str, bytes]]:
+    """Parse a predict response the way TorchServe's frontend does (every length in bytes).
+
+    Returns (status, reason phrase, body) per request; fails when a length does not land on the frame's end.
+    """
+    pos = 0
+
+    def read_int() -> int:
+        nonlocal pos
+        (value,) = struct.unpack_from("!i", frame, pos)
+        pos += 4
+        return value
+
+    def read_bytes() -> bytes:
+        nonlocal pos
+        size = read_int()
+        assert 0 <= size <= len(frame) - pos, f"field of {size} bytes at {pos} runs past the frame"
+        pos += size
+        return frame[pos - size:pos]
+
+    read_int(), read_bytes()  # batch status, message
+    answers = []
+    while (id_size := read_int()) != -1:
+        pos += id_size
+        read_bytes()  # content type
+        status, phrase = read_int(), read_bytes().decode("utf-8")
+        for _ in range(read_int()):
+            read_bytes(), read_bytes()
+        answers.append((status, phrase, read_bytes()))
+    assert pos == len(frame), f"{len(frame) - pos} bytes left after the end marker"
+    return answers
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
+@given(batch=st.lists(st.tuples(st.booleans(), good_images, bad_payloads), min_size=1, max_size=4))
+def test_torchserve_frames_every_answer_intact(service, batch) -> None:
+    """The worker's reply, framed by TorchServe's own code, parses whatever the bad items' messages quote."""
+    from ts.context import Context, RequestProcessor
+    from ts.protocol.otf_message_handler import create_predict_response
+
+    from handler.tmu_handler import TmuHandler
+
+    handler = TmuHandler()
+    handler.service = service
+    items = [{"body": good if keep else bad} for keep, good, bad in batch]
+    req_ids = {idx: f"req-{idx}" for idx in range(len(items))}
+    context = Context("m", "/tmp", {}, 4, None, "1")
+    context.request_processor = [RequestProcessor({}) for _ in items]
+    answers = handler.handle(items, context)
+    framed = _read_frame(bytes(create_predict_response(answers, req_ids, "Prediction success", 200, context)))
+    assert [status for status, _, _ in framed] == [200 if keep else 400 for keep, _, _ in batch]
+    assert [json.loads(body) for _, _, body in framed] == answers
+

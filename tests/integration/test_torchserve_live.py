@@ -167,6 +167,17 @@ def test_bad_inputs_get_400_with_a_message(served, body, content_type, fragment)
         served.infer().predict("tiny", data, content_type=content_type)
 
 
+def test_a_message_quoting_non_ascii_input_keeps_the_worker_alive(served):
+    """The error quotes the client's characters; the reply must still reach the client and the worker live."""
+    workers = [w.pid for info in served.manage().describe("tiny", "1") for w in info.workers if w.pid]
+    for _ in range(3):
+        resp = served.post('{"image": "ü¦å\u00e9"}'.encode(), **{"Content-Type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        assert "'image' is not valid base64" in resp.json()["error"] and "ü" in resp.json()["error"]
+    assert served.post(_png(4)[0]).status_code == 200
+    assert [w.pid for info in served.manage().describe("tiny", "1") for w in info.workers if w.pid] == workers
+
+
 def test_a_wrong_or_missing_token_is_refused(served):
     data = _png(4)[0]
     assert 400 <= served.post(data, Authorization="Bearer wrong").status_code < 500
