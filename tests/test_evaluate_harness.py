@@ -18,6 +18,7 @@ from tmu_core.errors import InvalidInputError
 from tmu_core.evaluate import MethodSpec, builtin_protocol, customize, format_table, run_protocol
 from tmu_core.evaluate.cache import open_index
 from tmu_core.evaluate.report import CSV_COLUMNS
+from tmu_core.train import load_checkpoint
 
 CPU = torch.device("cpu")
 LABELS = ["original", "gold", "gold-floor", "finetune", "neg_grad", "tmu"]
@@ -172,8 +173,13 @@ def test_protocol_rejects_bad_values():
         replace(base, seeds=(0, 0))
     with pytest.raises(InvalidInputError, match="at least one method"):
         replace(base, methods=())
-    with pytest.raises(InvalidInputError, match="unknown arch"):
+    with pytest.raises(InvalidInputError, match="unknown model architecture 'lenet'"):
         replace(base, arch="lenet")
+    assert replace(base, arch="torchvision:resnet18").arch == "torchvision:resnet18"
+    with pytest.raises(InvalidInputError, match="resize needs image_size"):
+        replace(base, source=replace(base.source, resize=40))
+    with pytest.raises(InvalidInputError, match="preprocess resize must be an int >= size"):
+        replace(base, source=replace(base.source, image_size=48, resize=40))
     with pytest.raises(InvalidInputError, match="unknown option"):
         replace(base, methods=(MethodSpec("finetune", "finetune", {"epoch": 3}),))
     with pytest.raises(InvalidInputError, match="reserved"):
@@ -203,3 +209,17 @@ def test_customize_adds_variant_rows_labelled_with_their_text():
         ("tmu", "tmu"), ("tmu:cf_per_request=true", "tmu"), ("fisher:alpha=0.03,samples=10", "fisher")]
     assert protocol.methods[1].options == {"cf_per_request": True}
     assert protocol.methods[2].options == {"alpha": 0.03, "samples": 10}
+
+
+def test_a_protocol_reads_the_index_through_its_preprocessing(run, tmp_path, cache_dir):
+    """12 px models on the 8 px digits: trained, unlearned and scored on resized images, cached apart."""
+    base = _tiny_protocol()
+    protocol = replace(base, source=replace(base.source, image_size=12),
+                       methods=(MethodSpec("tmu", "tmu", {"twin_epochs": 1, "clf_epochs": 5, "cf_epochs": 1,
+                                                          "max_steps": 2}),))
+    result = run_protocol(protocol, tmp_path, CPU, cache_dir=cache_dir, progress=False)
+    assert not result.originals[0].cached  # not the 8 px model of the first run
+    _, meta = load_checkpoint(result.originals[0].checkpoint, CPU)
+    assert meta.image_size == 12 and meta.preprocess == {"size": 12, "resize": None, "channels": 1,
+                                                          "interpolation": "bilinear"}
+    assert {r.method for r in result.rows} >= {"original", "gold", "tmu"}

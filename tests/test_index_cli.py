@@ -80,7 +80,7 @@ def test_build_reports_bad_image(runner, tmp_path):
     bad.write_bytes(b"oops")
     result = _run(runner, tmp_path, "build", "--folder", str(tmp_path / "src"))
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: {bad}: not a readable JPEG or PNG image (4 bytes starting b'oops')")
+    assert result.output.startswith(f"Error: {bad}: not a readable image (4 bytes starting b'oops'); expected JPEG, PNG, WebP, BMP, GIF or TIFF")
 
 
 def test_info_without_index(runner, tmp_path):

@@ -24,18 +24,20 @@ def _leftovers(folder):
 def test_corrupt_image_is_named_and_nothing_is_written(tree, tmp_path):
     bad = tree / "train" / "dog" / "0001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 5)
-    with pytest.raises(InvalidInputError, match=r"src/train/dog/0001\.png: not a readable JPEG or PNG image"):
+    with pytest.raises(InvalidInputError, match=r"src/train/dog/0001\.png: not a readable image"):
         ingest_image_folder(tree, tmp_path / "index")
     assert not (tmp_path / "index").exists()
     assert _leftovers(tmp_path) == []
 
 
-def test_other_format_behind_an_image_suffix_is_rejected(tree, tmp_path):
+def test_a_format_not_accepted_is_named_with_the_accepted_ones(tree, tmp_path):
     from PIL import Image
 
-    Image.fromarray(random_pixels(1)).save(tree / "train" / "cat" / "0009.jpg", format="BMP")
-    with pytest.raises(InvalidInputError, match=r"train/cat/0009\.jpg: expected JPEG or PNG bytes, got BMP format"):
+    Image.fromarray(random_pixels(1)).save(tree / "train" / "cat" / "0009.jpg", format="PPM")
+    with pytest.raises(InvalidInputError, match=r"train/cat/0009\.jpg: PPM images are not accepted; "
+                                                r"expected JPEG, PNG, WebP, BMP, GIF or TIFF"):
         ingest_image_folder(tree, tmp_path / "index")
+    assert not (tmp_path / "index").exists()
 
 
 def test_test_class_missing_from_train_is_named(tree, tmp_path):
@@ -43,25 +45,6 @@ def test_test_class_missing_from_train_is_named(tree, tmp_path):
     (tree / "test" / "fox" / "0000.png").write_bytes(image_bytes(random_pixels(3), "PNG"))
     with pytest.raises(InvalidInputError, match=r"class folder\(s\) test/fox have no train/ folder; "
                                                 r"train classes: cat, dog, eel"):
-        ingest_image_folder(tree, tmp_path / "index")
-
-
-def test_shape_mismatch_names_file_and_both_shapes(tree, tmp_path):
-    (tree / "train" / "eel" / "0005.png").write_bytes(image_bytes(random_pixels(4, size=9), "PNG"))
-    with pytest.raises(InvalidInputError, match=r"train/eel/0005\.png: image shape \(C, H, W\) \(3, 9, 9\) "
-                                                r"differs from the index's \(3, 8, 8\)"):
-        ingest_image_folder(tree, tmp_path / "index")
-
-
-def test_grayscale_image_in_rgb_index_is_rejected(tree, tmp_path):
-    (tree / "train" / "eel" / "0005.png").write_bytes(image_bytes(random_pixels(4, channels=1), "PNG"))
-    with pytest.raises(InvalidInputError, match=r"0005\.png: image shape \(C, H, W\) \(1, 8, 8\) differs"):
-        ingest_image_folder(tree, tmp_path / "index")
-
-
-def test_alpha_channel_is_rejected(tree, tmp_path):
-    (tree / "train" / "cat" / "0000.png").write_bytes(image_bytes(random_pixels(5, channels=4), "PNG"))
-    with pytest.raises(InvalidInputError, match=r"0000\.png: image mode 'RGBA' is not accepted"):
         ingest_image_folder(tree, tmp_path / "index")
 
 
@@ -137,6 +120,6 @@ def test_bad_limits_and_sources(tree, tmp_path):
 def test_corrupt_image_inside_zip_is_named(tree, tmp_path):
     (tree / "test" / "eel" / "0000.png").write_bytes(b"nothing")
     archive = zip_tree(tree, tmp_path / "data.zip")
-    with pytest.raises(InvalidInputError, match=r"data\.zip/test/eel/0000\.png: not a readable JPEG or PNG"):
+    with pytest.raises(InvalidInputError, match=r"data\.zip/test/eel/0000\.png: not a readable image"):
         ingest_zip(archive, tmp_path / "index")
     assert not (tmp_path / "index").exists()

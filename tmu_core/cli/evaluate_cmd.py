@@ -9,7 +9,7 @@ import click
 from tmu_core.cli import cli
 from tmu_core.cli.common import parse_list, tmu_errors
 
-PROTOCOLS = ("cpu-small", "digits-tiny", "paper")
+PROTOCOLS = ("cpu-small", "cpu-photo", "digits-tiny", "paper")
 
 
 def _numbers(text: str | None, option: str, kind: type) -> list | None:

@@ -10,7 +10,7 @@ import click
 from tmu_core.cli import cli
 from tmu_core.cli.common import echo_json, tmu_errors
 from tmu_core.config import Workspace
-from tmu_core.index import IndexInfo, TrainingIndex, ingest_digits, ingest_image_folder, ingest_zip
+from tmu_core.index import IndexInfo, TrainingIndex, add_images, ingest_digits, ingest_image_folder, ingest_zip
 
 
 def _index_option(func: Callable) -> Callable:
@@ -79,7 +79,27 @@ def build(ctx: click.Context, zip_path: Path | None, folder: Path | None, digits
                    "tombstone(s) of the replaced index")
 
 
+@index_group.command("add")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--owners", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV (header sample_id,owner_id) or JSON object mapping the new sample ids to owner ids.")
+@_index_option
+@click.pass_context
+def add(ctx: click.Context, source: Path, owners: Path | None, index_path: Path | None) -> None:
+    """Append newly collected samples from SOURCE (an ImageFolder tree train/<class>/*, test/<class>/*, or a
+    zip of one) to the index, for the next model version trained or imported on it."""
+    with tmu_errors(), TrainingIndex.open(_resolve(ctx, index_path)) as index:
+        result = add_images(index, source, owners=owners)
+        info = index.info()
+    click.echo(f"added {result.stored} image(s) from {source} to {info.path}; now {info.counts['train']} train "
+               f"and {info.counts['test']} test images, shape {_shape(info)}")
+    if result.skipped_forgotten:
+        click.echo(f"skipped {result.skipped_forgotten} image(s) the index forgot")
+
+
 def _shape(info: IndexInfo) -> str:
+    if info.image_shape is None:
+        return "mixed (images differ in size or channels)"
     return "x".join(str(d) for d in info.image_shape)
 
 

@@ -82,7 +82,10 @@ def open_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
 
 def model_key(arch: str, cfg: TrainConfig, source: DataSource, fingerprint: str) -> str:
     """Cache key of one training run (arch, recipe incl. seed, data source, training ids)."""
-    text = json.dumps([arch, asdict(cfg), source.key(), fingerprint], sort_keys=True, default=str)
+    parts = [arch, asdict(cfg), source.key(), fingerprint]
+    if source.image_size is not None:  # keys of models that read the stored pixels stay as they were
+        parts.append([source.image_size, source.resize])
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

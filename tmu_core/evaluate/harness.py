@@ -250,7 +250,9 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
     try:
         _check_fits(protocol, index)
         split = split_test(index, protocol.twin_fraction, protocol.split_seed)
-        source = MemorySource(index, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
+        preprocess = protocol.source.preprocess(index.image_shape[0] if index.image_shape else 3)
+        reader = index if preprocess is None else index.view(preprocess)
+        source = MemorySource(reader, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
         with tqdm(total=_steps(protocol), disable=not progress, unit="step") as bar:
             run = _Run(protocol, source, split, _tensors(source, split), device, cache_dir, workdir, bar)
             results = [_run_seed(run, seed) for seed in protocol.seeds]

@@ -5,6 +5,8 @@ Built-in protocols:
 - ``digits-tiny``: scikit-learn's bundled digits (8x8 greyscale), ``small_cnn``; a smoke run of about a minute.
 - ``cpu-small``: a CIFAR-10 subset (500 training and 100 test images a class) from the JPEG zip, ``small_cnn``,
   100 forget samples from each of cat (3), ship (8) and automobile (1); every method; sized for a 2-core CPU.
+- ``cpu-photo``: 100 training and 60 test CIFAR-10 images a class read through a 48 px ``Preprocess``, a
+  torchvision ``resnet18`` (the path of an imported model), forget class cat; sized for a 2-core CPU.
 - ``paper``: full CIFAR-10, ``resnet18``, the paper's 200-epoch recipe, 100 forget samples from each of the
   10 classes; every method; meant for a GPU.
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tmu_core.errors import InvalidInputError
+from tmu_core.preprocess import Preprocess
 from tmu_core.train import TrainConfig
 from tmu_core.unlearn import get_method, parse_method_spec
 from tmu_core.unlearn.features import FEATURE_KINDS
@@ -42,12 +45,17 @@ class DataSource:
         path: the zip file for ``cifar10-zip``; unused for ``digits``.
         train_per_class: training images per class; ``None`` takes all.
         test_per_class: test images per class; ``None`` takes all.
+        image_size: the models' input side: every image is read through ``Preprocess(image_size, resize)``, as
+            a model version with that preprocessing reads the index; ``None`` reads the stored pixels.
+        resize: the shorter side before the centre crop (``None``: ``image_size``).
     """
 
     kind: str
     path: str | None = None
     train_per_class: int | None = None
     test_per_class: int | None = None
+    image_size: int | None = None
+    resize: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -58,9 +66,19 @@ class DataSource:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise InvalidInputError(f"{name} must be an integer >= 2 or None (all), got {value!r}")
+        if self.resize is not None and self.image_size is None:
+            raise InvalidInputError("resize needs image_size")
+        if self.image_size is not None:
+            self.preprocess(3)  # checks the values
+
+    def preprocess(self, channels: int) -> Preprocess | None:
+        """The models' preprocessing, or None when they read the stored pixels."""
+        if self.image_size is None:
+            return None
+        return Preprocess(size=self.image_size, resize=self.resize, channels=channels)
 
     def key(self) -> str:
-        """A short cache key: kind, resolved path, file size and counts."""
+        """A short cache key of the index: kind, resolved path, file size and counts (not the preprocessing)."""
         size = Path(self.path).stat().st_size if self.path and Path(self.path).is_file() else None
         text = json.dumps([self.kind, str(Path(self.path).resolve()) if self.path else None, size,
                            self.train_per_class, self.test_per_class])
@@ -130,10 +148,9 @@ class Protocol:
         if not 0.0 < self.mia_alpha < 1.0:
             raise InvalidInputError(f"mia_alpha must be in (0, 1), got {self.mia_alpha}")
         _check_methods(self.methods)
-        from tmu_core.models import list_models
+        from tmu_core.models import build_model
 
-        if self.arch not in list_models():
-            raise InvalidInputError(f"unknown arch {self.arch!r}; valid: {', '.join(list_models())}")
+        build_model(self.arch, 2, 3, 32)  # raises for an unknown arch, listing the valid ones
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form (the ``protocol`` entry of ``results.json``)."""
@@ -260,7 +277,22 @@ def _paper(data: Path | None) -> Protocol:
     )
 
 
-_BUILTIN = {"digits-tiny": _digits_tiny, "cpu-small": _cpu_small, "paper": _paper}
+def _cpu_photo(data: Path | None) -> Protocol:
+    return Protocol(
+        name="cpu-photo",
+        # CIFAR-10 read as a model version with 48 px preprocessing reads its index (each 32 px image resized),
+        # on a torchvision ResNet-18 as imported models are: the path of a user's own model, sized for 2 cores.
+        source=DataSource("cifar10-zip", _cifar_path(data), train_per_class=100, test_per_class=60,
+                          image_size=48),
+        arch="torchvision:resnet18",
+        train=TrainConfig(epochs=12, batch_size=64, lr=0.05, augment=False, milestones=(0.7, 0.9)),
+        forget_classes=(3,),
+        forget_size=50,
+        methods=default_methods(("finetune", "neg_grad", "random_label", "scrub", "tmu")),
+    )
+
+
+_BUILTIN = {"digits-tiny": _digits_tiny, "cpu-small": _cpu_small, "paper": _paper, "cpu-photo": _cpu_photo}
 
 
 def list_protocols() -> list[str]:

@@ -41,6 +41,7 @@ class MemorySource:
         self.index = index
         self.classes = list(index.classes)
         self.image_shape = tuple(index.image_shape)
+        self.preprocess = getattr(index, "preprocess", None)  # an IndexView's: recorded by the models trained here
         self._ids = list(ids)
         self._row = {sample: row for row, sample in enumerate(self._ids)}
         self._images = index.load(self._ids)  # (N, C, H, W) uint8

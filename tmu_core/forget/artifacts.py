@@ -108,6 +108,7 @@ def prepare_version(workspace: Workspace, model: str, version: int | None = None
     """
     from tmu_core.device import resolve_device
     from tmu_core.index import TrainingIndex
+    from tmu_core.preprocess import Preprocess
     from tmu_core.state.versions import VersionRegistry
     from tmu_core.train import load_checkpoint
     from tmu_core.unlearn import get_method
@@ -119,4 +120,5 @@ def prepare_version(workspace: Workspace, model: str, version: int | None = None
     net, meta = load_checkpoint(record.checkpoint, target)
     with TrainingIndex.open(workspace.index_dir) as index:
         plan = plan_data(index, twin_fraction, seed, registry.members(model, record.version))
-        return prepare(chosen, net, meta, index, plan, target, artifacts_dir(workspace, model, record.version))
+        view = index.view(Preprocess.from_meta(meta))  # images as the version's handler reads them
+        return prepare(chosen, net, meta, view, plan, target, artifacts_dir(workspace, model, record.version))

@@ -136,6 +136,7 @@ class _Run:
 def _load(run: _Run) -> Loaded | None:
     from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
     from tmu_core.index import TrainingIndex
+    from tmu_core.preprocess import Preprocess
     from tmu_core.train import load_checkpoint
     from tmu_core.unlearn import get_method
 
@@ -154,6 +155,7 @@ def _load(run: _Run) -> Loaded | None:
     options = dict(run.job.options)
     method = get_method(options.pop("method", "tmu"), **options)
     model, meta = load_checkpoint(source.checkpoint, run.device)
+    index = index.view(Preprocess.from_meta(meta))  # every image read as this version's handler reads it
     folder = artifacts_dir(run.workspace, run.job.model, source.version)
     run.timings["prepare_artifacts"] = round(prepare(method, model, meta, index, plan, run.device, folder), 3)
     retain = tuple(i for i in plan.train_ids if i not in set(forget))

@@ -7,19 +7,23 @@ tombstones and never stores a forgotten image again.
 """
 
 from tmu_core.index.carry import ForgottenFilter
-from tmu_core.index.ingest import ingest_digits, ingest_image_folder, ingest_zip
-from tmu_core.index.records import BuildRecord, ForgetResult, IndexInfo, SampleRecord, Tombstone, VerifyReport
+from tmu_core.index.ingest import add_images, ingest_digits, ingest_image_folder, ingest_zip
+from tmu_core.index.records import AddResult, BuildRecord, ForgetResult, IndexInfo, SampleRecord, Tombstone, VerifyReport
 from tmu_core.index.store import TrainingIndex
+from tmu_core.index.view import IndexView
 
 __all__ = [
+    "AddResult",
     "BuildRecord",
     "ForgetResult",
     "ForgottenFilter",
     "IndexInfo",
+    "IndexView",
     "SampleRecord",
     "Tombstone",
     "TrainingIndex",
     "VerifyReport",
+    "add_images",
     "ingest_digits",
     "ingest_image_folder",
     "ingest_zip",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from tmu_core.errors import InvalidInputError
@@ -19,6 +20,7 @@ from tmu_core.index.sources import (
     plan_folder,
     zip_paths,
 )
+from tmu_core.index.records import AddResult
 from tmu_core.index.store import TrainingIndex
 from tmu_core.index.writer import IndexWriter
 
@@ -47,7 +49,9 @@ def _plan_ids(plan: FolderPlan) -> list[str]:
 def ingest_image_folder(root: Path | str, dest: Path | str, owners: Owners = None,
                         train_per_class: int | None = None, test_per_class: int | None = None,
                         overwrite: bool = False) -> TrainingIndex:
-    """Index an ImageFolder tree ``root/train/<class>/*`` and ``root/test/<class>/*`` (JPEG or PNG).
+    """Index an ImageFolder tree ``root/train/<class>/*`` and ``root/test/<class>/*``.
+
+    Images may be JPEG, PNG, WebP, BMP, GIF or TIFF, of any size and mode (see :mod:`tmu_core.index.codec`).
 
     Sample ids are ``"<split>/<class>/<file stem>"``; classes are the sorted folder names of ``train/``.
 
@@ -87,6 +91,14 @@ def ingest_zip(zip_path: Path | str, dest: Path | str, owners: Owners = None,
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise InvalidInputError(f"zip file {zip_path} does not exist")
+    with _zip_plan(zip_path, train_per_class, test_per_class) as (plan, images):
+        return _write(dest, plan.classes, _plan_ids(plan), images, owners, overwrite)
+
+
+@contextmanager
+def _zip_plan(zip_path: Path, train_per_class: int | None,
+              test_per_class: int | None) -> Iterator[tuple[FolderPlan, Iterator[SourceImage]]]:
+    """The plan of a zipped ImageFolder tree and its images, read from the zip while the block runs."""
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -94,8 +106,34 @@ def ingest_zip(zip_path: Path | str, dest: Path | str, owners: Owners = None,
     with archive:
         prefix, paths = zip_paths(archive.namelist())
         plan = plan_folder(paths, str(zip_path), train_per_class, test_per_class)
-        images = iter_plan(plan, lambda rel: _read_member(archive, prefix + rel, zip_path), str(zip_path))
-        return _write(dest, plan.classes, _plan_ids(plan), images, owners, overwrite)
+        yield plan, iter_plan(plan, lambda rel: _read_member(archive, prefix + rel, zip_path), str(zip_path))
+
+
+def add_images(index: TrainingIndex, source: Path | str, owners: Owners = None) -> AddResult:
+    """Append the images of an ImageFolder tree or a zip of one to ``index`` (``tmu-admin index add``).
+
+    The tree has the layout :func:`ingest_image_folder` reads (``train/<class>/*``, optionally ``test/``), with
+    class folders named after classes of the index; sample ids are ``"<split>/<class>/<file stem>"`` and must
+    be new.
+
+    Returns:
+        What was appended (:class:`AddResult`).
+
+    Raises:
+        InvalidInputError: a missing source, a bad layout, a class the index lacks, an id it holds already, an
+            unreadable image, or a bad owner mapping.
+        ConflictError: an image matches a sample forgotten while the append ran (nothing was added).
+    """
+    source = Path(source)
+    mapping, _ = load_owners(owners)
+    if source.is_dir():
+        plan = plan_folder(folder_paths(source), str(source), None, None)
+        images = iter_plan(plan, lambda rel: (source / rel).read_bytes(), str(source))
+        return index.add(plan.classes, images, _plan_ids(plan), mapping, str(source))
+    if not source.is_file():
+        raise InvalidInputError(f"{source} does not exist; expected an ImageFolder tree or a zip of one")
+    with _zip_plan(source, None, None) as (plan, images):
+        return index.add(plan.classes, images, _plan_ids(plan), mapping, str(source))
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, zip_path: Path) -> bytes:

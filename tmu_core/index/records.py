@@ -18,7 +18,7 @@ class SampleRecord:
         label: index into the index's class names.
         split: ``"train"`` or ``"test"``.
         content_hash: sha256 hex of the decoded uint8 (C, H, W) pixel bytes.
-        codec: how the bytes are stored: ``"jpeg"``, ``"png"`` or ``"raw"``.
+        codec: how the bytes are stored: ``"jpeg"``, ``"png"`` (other formats arrive as PNG) or ``"raw"``.
         offset: where the encoded bytes start in ``blobs.bin``.
         length: how many bytes they take.
     """
@@ -91,13 +91,30 @@ class ForgetResult:
 
 
 @dataclass(frozen=True)
+class AddResult:
+    """Outcome of :meth:`TrainingIndex.add`.
+
+    Attributes:
+        stored: images appended.
+        skipped_forgotten: images not stored because their sample id or pixel hash was forgotten.
+        sample_ids: the ids appended, sorted.
+        image_shape: the index's one shape after the append, or None when its images now differ.
+    """
+
+    stored: int
+    skipped_forgotten: int
+    sample_ids: list[str]
+    image_shape: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True)
 class IndexInfo:
     """Summary of an index: what it holds and how big it is on disk.
 
     Attributes:
         path: the index folder.
         classes: class names; labels index this list.
-        image_shape: (C, H, W) shared by every image.
+        image_shape: (C, H, W) shared by every image, or None when sizes or channels differ.
         counts: live samples per split, ``{"train": n, "test": n}``.
         class_counts: live samples per split and class name, ``{"train": {"cat": n, ...}, "test": {...}}``.
         owners: distinct owners of live samples.
@@ -107,7 +124,7 @@ class IndexInfo:
 
     path: Path
     classes: list[str]
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int] | None
     counts: dict[str, int]
     class_counts: dict[str, dict[str, int]]
     owners: int

@@ -12,8 +12,9 @@ from tmu_core.index.private import owner_hmac
 DB_NAME = "index.sqlite"
 BLOB_NAME = "blobs.bin"
 # Format 2: tombstones keep an HMAC of the owner id (``owner_hmac``); format 1 kept the owner id itself.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Format 3: images may differ in size and channels; ``image_shape`` is then null (a "mixed" index).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -71,21 +72,22 @@ def connect(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def create_schema(conn: sqlite3.Connection, classes: list[str], image_shape: tuple[int, int, int]) -> None:
-    """Create the tables of a new index and record its classes and image shape."""
+def create_schema(conn: sqlite3.Connection, classes: list[str], image_shape: tuple[int, int, int] | None) -> None:
+    """Create the tables of a new index and record its classes and image shape (None: mixed sizes)."""
     conn.executescript(SCHEMA)
     conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)",
         [
             ("format_version", str(FORMAT_VERSION)),
             ("classes", json.dumps(classes)),
-            ("image_shape", json.dumps(list(image_shape))),
+            ("image_shape", json.dumps(list(image_shape) if image_shape is not None else None)),
         ],
     )
 
 
-def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int], int]:
-    """Read the class names, image shape and format version, checking that the file is an index this code reads.
+def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int] | None, int]:
+    """Read the class names, image shape (None: mixed sizes) and format version, checking that the file is an
+    index this code reads.
 
     Raises:
         CheckpointError: the database has no index metadata or a format version this code does not read.
@@ -102,30 +104,35 @@ def read_meta(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[in
             f"{root / DB_NAME} has index format {meta['format_version']}; this version reads formats "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
-    shape = json.loads(meta["image_shape"])
     classes = list(json.loads(meta["classes"]))
-    return classes, (int(shape[0]), int(shape[1]), int(shape[2])), int(meta["format_version"])
+    return classes, parse_shape(meta["image_shape"]), int(meta["format_version"])
 
 
-def migrate_owner_ids(conn: sqlite3.Connection, key: bytes) -> int:
-    """Turn a format-1 index into format 2: replace each tombstone's owner id by its HMAC, in one transaction.
+def parse_shape(text: str) -> tuple[int, int, int] | None:
+    """The ``image_shape`` meta value: ``[C, H, W]`` or null."""
+    shape = json.loads(text)
+    return None if shape is None else (int(shape[0]), int(shape[1]), int(shape[2]))
 
-    ``secure_delete`` zeroes the replaced cells, and the checkpoint empties the WAL, so the plain owner ids
-    leave no copy in the database files.
+
+def migrate(conn: sqlite3.Connection, key: bytes) -> int:
+    """Bring an older index to the current format, in one transaction.
+
+    Format 1 -> 2 replaces each tombstone's owner id by its HMAC (``secure_delete`` zeroes the replaced cells,
+    and the checkpoint empties the WAL, so the plain owner ids leave no copy in the database files).
+    Format 2 -> 3 changes no data: a format-3 index may also hold images of mixed sizes.
 
     Returns:
         How many tombstones were rewritten.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0]
-        if version == str(FORMAT_VERSION):  # another process migrated it first
-            conn.execute("COMMIT")
-            return 0
-        rows = conn.execute("SELECT sample_id, owner_id FROM tombstones").fetchall()
-        conn.execute("ALTER TABLE tombstones RENAME COLUMN owner_id TO owner_hmac")
-        conn.executemany("UPDATE tombstones SET owner_hmac = ? WHERE sample_id = ?",
-                         [(owner_hmac(key, owner), sample_id) for sample_id, owner in rows])
+        version = int(conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0])
+        rows: list[tuple] = []
+        if version == 1:
+            rows = conn.execute("SELECT sample_id, owner_id FROM tombstones").fetchall()
+            conn.execute("ALTER TABLE tombstones RENAME COLUMN owner_id TO owner_hmac")
+            conn.executemany("UPDATE tombstones SET owner_hmac = ? WHERE sample_id = ?",
+                             [(owner_hmac(key, owner), sample_id) for sample_id, owner in rows])
         conn.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),))
         conn.execute("COMMIT")
     except BaseException:

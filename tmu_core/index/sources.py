@@ -14,12 +14,12 @@ import torch
 from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
 class SourceImage:
-    """One image to ingest: ``data`` is JPEG/PNG bytes, or raw (C, H, W) pixel bytes when ``pixels`` is set."""
+    """One image to ingest: ``data`` is encoded image bytes, or raw (C, H, W) pixel bytes when ``pixels`` is set."""
 
     sample_id: str
     label: int
@@ -82,7 +82,7 @@ def plan_folder(paths: list[str], where: str, train_per_class: int | None,
     _check_limit(test_per_class, "test_per_class")
     groups = _group(paths, where)
     if not groups["train"]:
-        raise InvalidInputError(f"{where} has no train/<class>/ images; expected train/<class>/*.jpg|png and test/")
+        raise InvalidInputError(f"{where} has no train/<class>/ images; expected train/<class>/<images> and test/")
     classes = sorted(groups["train"])
     extra = sorted(set(groups["test"]) - set(classes))
     if extra:

@@ -7,19 +7,22 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tmu_core.errors import CheckpointError, InvalidInputError, UnknownIdsError
+from tmu_core.index import append as append_steps
 from tmu_core.index import forget as forget_steps
 from tmu_core.index.carry import Forgotten, ForgottenFilter, read_forgotten
-from tmu_core.index.codec import decode_stored, pixel_hash
+from tmu_core.index.codec import decode_stored, pixel_hash, preprocessed
 from tmu_core.index.private import KEY_NAME, narrow_modes, owner_hmac, read_key, write_key
 from tmu_core.index.records import (
     SPLITS,
+    AddResult,
     BuildRecord,
     ForgetResult,
     IndexInfo,
@@ -33,9 +36,15 @@ from tmu_core.index.schema import (
     FORMAT_VERSION,
     connect,
     fetch_by_ids,
-    migrate_owner_ids,
+    migrate,
     read_meta,
 )
+from tmu_core.index.sources import SourceImage, check_owners
+from tmu_core.preprocess import Preprocess
+
+
+if TYPE_CHECKING:
+    from tmu_core.index.view import IndexView
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +54,16 @@ _RECORD_COLUMNS = "sample_id, owner_id, label, split, content_hash, codec, offse
 class TrainingIndex:
     """A training index on disk: ``index.sqlite`` (metadata), ``blobs.bin`` (encoded images), ``id.key``.
 
-    Open it with :meth:`open`. One process writes (the job worker); any number may read. The folder is
-    0700 and its files 0600.
+    Open it with :meth:`open`. Forgets are written by the job worker and appends by ``tmu-admin index add``
+    (appends take a lock on the blob file); any number of processes may read. The folder is 0700 and its
+    files 0600.
+
+    ``image_shape`` is the (C, H, W) every image shares, or None for an index of mixed sizes. A model reads
+    the index through its version's preprocessing: ``index.view(preprocess)`` (or ``preprocess=`` on
+    :meth:`load` and :meth:`iter_batches`).
     """
 
-    def __init__(self, root: Path, conn, classes: list[str], image_shape: tuple[int, int, int],
+    def __init__(self, root: Path, conn, classes: list[str], image_shape: tuple[int, int, int] | None,
                  key: bytes) -> None:
         self.root = root
         self.classes = classes
@@ -186,44 +200,91 @@ class TrainingIndex:
         records = self.lookup(ids)
         return torch.tensor([r.label for r in records], dtype=torch.long, device=device)
 
-    def _decode(self, records: list[SampleRecord]) -> np.ndarray:
-        out = np.empty((len(records), *self.image_shape), dtype=np.uint8)  # (N, C, H, W)
+    def _decode(self, records: list[SampleRecord], preprocess: Preprocess | None) -> torch.Tensor:
+        if preprocess is None and self.image_shape is None:
+            raise InvalidInputError(
+                f"the index at {self.root} holds images of mixed sizes; read it through a model's preprocessing "
+                "(index.view(preprocess), or preprocess=...)"
+            )
+        shape = self.image_shape if preprocess is None else (preprocess.channels, preprocess.size, preprocess.size)
+        out = torch.empty((len(records), *shape), dtype=torch.uint8)  # (N, C, H, W)
+        pixels = out.numpy()  # the same memory
         with open(self._blob_path, "rb") as blob:
             for row, record in enumerate(records):
                 blob.seek(record.offset)
-                out[row] = decode_stored(record.codec, blob.read(record.length), self.image_shape, record.sample_id)
+                data = blob.read(record.length)
+                if preprocess is None:
+                    pixels[row] = decode_stored(record.codec, data, self.image_shape, record.sample_id)
+                else:
+                    out[row] = preprocessed(record.codec, data, self.image_shape, preprocess, record.sample_id)
         return out
 
-    def load(self, ids: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    def load(self, ids: list[str], device: torch.device | str = "cpu",
+             preprocess: Preprocess | None = None) -> torch.Tensor:
         """Decode live samples into a uint8 tensor (N, C, H, W), in the order of ``ids``.
 
         For subsets that fit in memory; use :meth:`iter_batches` for the rest.
 
+        Args:
+            preprocess: a model's preprocessing, applied to each image (then H = W = its ``size``); None reads
+                the stored pixels, which needs an index whose images share one shape.
+
         Raises:
             UnknownIdsError: ids that are not live.
+            InvalidInputError: no ``preprocess`` for an index of mixed sizes.
         """
-        return torch.from_numpy(self._decode(self.lookup(ids))).to(device)
+        return self._decode(self.lookup(ids), preprocess).to(device)
 
-    def iter_batches(self, ids: list[str], batch_size: int,
-                     device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_batches(self, ids: list[str], batch_size: int, device: torch.device | str = "cpu",
+                     preprocess: Preprocess | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(images uint8 (B, C, H, W), labels long (B,))`` over ``ids`` in order, decoding batch by batch.
 
         Raises:
-            InvalidInputError: ``batch_size`` is not a positive int.
+            InvalidInputError: ``batch_size`` is not a positive int, or no ``preprocess`` for a mixed index.
             UnknownIdsError: ids that are not live (checked before the first batch).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if preprocess is None and self.image_shape is None:
+            self._decode([], None)  # raises the mixed-sizes error before the first batch
         records = self.lookup(ids)
-        return self._batches(records, batch_size, device)
+        return self._batches(records, batch_size, device, preprocess)
 
-    def _batches(self, records: list[SampleRecord], batch_size: int,
-                 device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, records: list[SampleRecord], batch_size: int, device: torch.device | str,
+                 preprocess: Preprocess | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            images = torch.from_numpy(self._decode(chunk)).to(device)
+            images = self._decode(chunk, preprocess).to(device)
             labels = torch.tensor([r.label for r in chunk], dtype=torch.long, device=device)
             yield images, labels
+
+    def add(self, classes: list[str], images: Iterable[SourceImage], sample_ids: list[str],
+            owners: dict[str, str] | None = None, where: str = "new samples") -> AddResult:
+        """Append newly collected samples (see :mod:`tmu_core.index.append`); the index may become mixed-size.
+
+        Args:
+            classes: the class names that ``images``' labels index (each must be a class of this index).
+            images: the images to add, yielding exactly ``sample_ids``.
+            sample_ids: their ids, checked against the live ones before any image is read.
+            owners: sample id -> owner id; samples left out own themselves.
+            where: the source's name, for messages.
+
+        Raises:
+            InvalidInputError: a class this index lacks, an id it holds, an unreadable image, a bad owner mapping.
+            ConflictError: an image matches a sample forgotten while the append ran (nothing was added).
+        """
+        check_owners(owners, f"owner mapping of {where}", list(sample_ids))
+        with self._lock:
+            result = append_steps.append(self._conn, self._blob_path, self.classes, list(classes), images,
+                                         list(sample_ids), owners, where)
+        self.image_shape = result.image_shape
+        return result
+
+    def view(self, preprocess: Preprocess) -> "IndexView":
+        """This index as a model version reads it: every image through ``preprocess``."""
+        from tmu_core.index.view import IndexView
+
+        return IndexView(self, preprocess)
 
     def forget(self, ids: list[str], request_id: str) -> ForgetResult:
         """Forget samples of either split for good: tombstone them and zero their bytes on disk.
@@ -315,14 +376,14 @@ class TrainingIndex:
         return pixel_hash(pixels) == record.content_hash
 
 
-def _prepare(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int], bytes]:
+def _prepare(conn: sqlite3.Connection, root: Path) -> tuple[list[str], tuple[int, int, int] | None, bytes]:
     """Read the metadata, load (or make) the key and migrate a format-1 index; returns classes, shape, key."""
     classes, shape, version = read_meta(conn, root)
     key = _load_key(conn, root, version)
     if version < FORMAT_VERSION:
-        migrated = migrate_owner_ids(conn, key)
-        logger.info("index=%s migrated to format %d: %d tombstone owner id(s) replaced by HMACs", root,
-                    FORMAT_VERSION, migrated)
+        migrated = migrate(conn, key)
+        logger.info("index=%s migrated from format %d to %d: %d tombstone owner id(s) replaced by HMACs", root,
+                    version, FORMAT_VERSION, migrated)
     return classes, shape, key
 
 
@@ -330,7 +391,7 @@ def _load_key(conn: sqlite3.Connection, root: Path, version: int) -> bytes:
     key = read_key(root)
     if key is not None:
         return key
-    if version >= FORMAT_VERSION and conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]:
+    if version >= 2 and conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]:
         raise CheckpointError(
             f"{root / KEY_NAME} is missing, but the index's tombstones hold owner HMACs made with that key; "
             f"restore the key file from a backup of {root}"

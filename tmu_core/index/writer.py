@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tmu_core.errors import CheckpointError, ConflictError, InvalidInputError
 from tmu_core.index.carry import Forgotten, write_forgotten
-from tmu_core.index.codec import decode_encoded, pixel_hash
+from tmu_core.index.codec import encode_for_index, pixel_hash
 from tmu_core.index.private import (
     create_private_file,
     make_private_dir,
@@ -56,8 +56,7 @@ class IndexWriter:
         self._offset = 0
         self._rows: list[tuple] = []
         self._names: dict[str, str] = {}
-        self.shape: tuple[int, int, int] | None = None
-        self._shape_from = ""
+        self.shapes: set[tuple[int, int, int]] = set()
 
     def __enter__(self) -> "IndexWriter":
         return self
@@ -89,40 +88,38 @@ class IndexWriter:
         Returns:
             True when the image was stored, False when it was skipped as forgotten.
 
+        Images may differ in size and channels (the index then records no one shape).
+
         Raises:
-            InvalidInputError: unreadable image, another shape than the first image, bad label or split,
-                or a sample id already added.
+            InvalidInputError: unreadable image or a format not accepted, bad label or split, or a sample id
+                already added.
         """
         self._check_item(item)
         self._names[item.sample_id] = item.name
         if self._refused.refuses(item.sample_id):  # refused by id: not even decoded
             return self._skip(item)
         if item.pixels is not None:
-            codec, pixels = "raw", item.pixels
+            codec, data, pixels = "raw", item.data, item.pixels
         else:
-            codec, pixels = decode_encoded(item.data, item.name)
+            codec, data, pixels = encode_for_index(item.data, item.name)
         digest = pixel_hash(pixels)
         if self._refused.refuses(item.sample_id, digest):
             return self._skip(item)
-        self._check_shape(tuple(int(d) for d in pixels.shape), item.name)
-        self._blob.write(item.data)
-        self._rows.append((item.sample_id, item.label, item.split, digest, codec, self._offset, len(item.data)))
-        self._offset += len(item.data)
+        self.shapes.add(tuple(int(d) for d in pixels.shape))  # type: ignore[arg-type]
+        self._blob.write(data)
+        self._rows.append((item.sample_id, item.label, item.split, digest, codec, self._offset, len(data)))
+        self._offset += len(data)
         return True
+
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        """The one (C, H, W) every stored image has, or None when they differ (or none was stored)."""
+        return next(iter(self.shapes)) if len(self.shapes) == 1 else None
 
     def _skip(self, item: SourceImage) -> bool:
         self.skipped += 1
         logger.debug("index=%s skipped forgotten image %s", self.dest, item.sample_id)
         return False
-
-    def _check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        if self.shape is None:
-            self.shape, self._shape_from = shape, name  # type: ignore[assignment]
-        elif shape != self.shape:
-            raise InvalidInputError(
-                f"{name}: image shape (C, H, W) {shape} differs from the index's {self.shape} "
-                f"(set by {self._shape_from}); all images of an index must share one shape and channel count"
-            )
 
     def _owner_rows(self, owners: dict[str, str] | None) -> list[tuple]:
         owners = owners or {}
@@ -140,7 +137,7 @@ class IndexWriter:
             InvalidInputError: no image was stored, or ``owners`` names samples that were not added.
             ConflictError: the index being replaced forgot samples while this build ran.
         """
-        if self.shape is None:
+        if not self._rows:
             skipped = f" ({self.skipped} forgotten image(s) skipped)" if self.skipped else ""
             raise InvalidInputError(f"no images to index for {self.dest}{skipped}")
         rows = self._owner_rows(owners)
@@ -154,7 +151,7 @@ class IndexWriter:
         write_key(self._tmp, self._key)
         self._move_into_place()
         logger.info("index=%s written: %d images, shape=%s, skipped %d forgotten, kept %d tombstones", self.dest,
-                    len(rows), self.shape, self.skipped, record.tombstones_kept)
+                    len(rows), self.shape or "mixed", self.skipped, record.tombstones_kept)
         return self.dest
 
     def _recheck_forgotten(self) -> Forgotten:

@@ -196,7 +196,8 @@ def train_model(
     training pixels and records the recipe, the index fingerprint of the ids and the train size.
 
     Args:
-        index: an open ``TrainingIndex``.
+        index: an open ``TrainingIndex``, or an ``IndexView`` of one (its preprocessing is then the model's and
+            is recorded in the meta; an index of mixed sizes needs one).
         sample_ids: the ids to train on (e.g. ``index.retained_ids()``).
         arch: a registered architecture name.
         cfg: the recipe.
@@ -216,9 +217,13 @@ def train_model(
             f"train_model(index, sample_ids, arch, cfg, device): arch must be a model name, got {type(arch).__name__}"
         )
     ids = list(sample_ids)
+    if index.image_shape is None:
+        raise InvalidInputError("the index holds images of mixed sizes; train through a preprocessing that makes "
+                                "them one size: index.view(Preprocess(size=..., resize=...))")
     channels, height, width = index.image_shape
     if height != width:
         raise InvalidInputError(f"models take square images; the index holds {height}x{width}")
+    preprocess = getattr(index, "preprocess", None) or Preprocess(size=height, channels=channels)
     images_u8, labels = index.load(ids), index.labels(ids)
     mean, std = channel_stats(images_u8)
     seed_everything(cfg.seed)
@@ -229,6 +234,6 @@ def train_model(
         arch=arch, num_classes=len(index.classes), class_names=tuple(index.classes), in_channels=channels,
         image_size=height, mean=mean, std=std, seed=cfg.seed, recipe=asdict(cfg),
         index_fingerprint=index.fingerprint(ids), train_size=len(ids), parent=parent,
-        preprocess=Preprocess(size=height, channels=channels).to_dict(),
+        preprocess=preprocess.to_dict(),
     )
     return TrainResult(model=model, meta=meta, history=history)
