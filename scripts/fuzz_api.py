@@ -112,8 +112,9 @@ def fuzz_torchserve(workspace, examples: int, seed: int) -> dict:
             try:
                 if isinstance(payload, (bytes, str)):
                     resp = session.post(url, data=payload, timeout=30)
-                else:
-                    resp = session.post(url, json=payload, timeout=30)
+                else:  # json.dumps writes NaN and Infinity, as some clients do (requests' json= refuses them)
+                    resp = session.post(url, data=json.dumps(payload), timeout=30,
+                                        headers={"Content-Type": "application/json"})
             except requests.RequestException as err:  # a hang or a dropped connection is a failure, counted
                 counts["other"] += 1
                 others.append(f"{type(err).__name__} for {payload!r:.80}")
