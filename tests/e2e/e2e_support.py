@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from tmu_core.service import swap
 from tmu_core.state.audit import AuditLog
@@ -67,3 +68,14 @@ def wait_wiped(workspace, sample_ids: list[str], timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"samples not wiped after {timeout}s: still queued {sorted(queued)}")
         time.sleep(0.2)
+
+
+def files_holding(roots: list[Path], needles: list[bytes]) -> list[str]:
+    """Every file under ``roots`` that contains one of ``needles``."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                found += [f"{path} holds needle {n}" for n, needle in enumerate(needles) if needle in data]
+    return found

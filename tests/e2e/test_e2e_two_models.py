@@ -9,12 +9,12 @@ computed from it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from e2e_support import files_holding
 from test_service_support import FAST_TMU, make_index, make_v1, make_workspace, torchserve_config
 from tmu_core.forget.artifacts import artifacts_dir, prepare_version
 from tmu_core.forget.intake import ForgetRequest
@@ -63,17 +63,6 @@ def _feature_rows(workspace, model: str, version: int, ids: list[str]) -> list[b
     return [stored["features"][row].contiguous().numpy().tobytes() for row in rows]
 
 
-def _files_holding(roots: list[Path], needles: list[bytes]) -> list[str]:
-    """Every file under ``roots`` that contains one of ``needles``."""
-    found = []
-    for root in roots:
-        for path in root.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                found += [f"{path} holds needle {n}" for n, needle in enumerate(needles) if needle in data]
-    return found
-
-
 def _run(workspace, store: StateStore, model: str) -> None:
     job = store.jobs.claim_next(model)
     assert job is not None, f"no queued job for {model}"
@@ -91,7 +80,7 @@ def test_a_request_about_data_reaches_every_model_and_leaves_no_copy(two) -> Non
         prepare_version(workspace, model, options=FAST_TMU, device="cpu")
     needles = _encoded(workspace, asked) + _feature_rows(workspace, "a", 1, owned) + \
         _feature_rows(workspace, "b", 1, owned)
-    assert len(_files_holding([workspace.home, workspace.model_store], needles)) >= len(needles)
+    assert len(files_holding([workspace.home, workspace.model_store], needles)) >= len(needles)
 
     answer, created = submit_request(workspace, store, ForgetRequest(owner_ids=("owner-b-0",),
                                                                      sample_ids=("test/b/0000",),
@@ -115,7 +104,7 @@ def test_a_request_about_data_reaches_every_model_and_leaves_no_copy(two) -> Non
         assert_serving_model(server, model, 2)
     with TrainingIndex.open(workspace.index_dir) as index:
         assert all(index.is_forgotten(i) for i in asked) and index.verify().ok
-    assert _files_holding([workspace.home, workspace.model_store], needles) == []
+    assert files_holding([workspace.home, workspace.model_store], needles) == []
     assert store.audit.verify().ok
 
 
