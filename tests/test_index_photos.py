@@ -236,3 +236,19 @@ def test_index_add_reads_a_zip_of_a_tree(index_8px, tmp_path):
     (tmp_path / "notes.txt").write_text("not a zip")
     with pytest.raises(InvalidInputError, match="notes.txt is not a readable zip file"):
         add_images(index_8px, tmp_path / "notes.txt")
+
+
+def test_train_cli_on_a_mixed_index_needs_an_input_size_and_records_it(photo_tree, tmp_path):
+    from tmu_core.cli import train_cmd  # noqa: F401  attaches the train command
+    from tmu_core.train import load_checkpoint
+
+    root, _ = photo_tree
+    ingest_image_folder(root, tmp_path / "index").close()
+    base = ["--home", str(tmp_path / "home"), "train", "--model", "p", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "p.pt")]
+    refused = CliRunner().invoke(cli, base)
+    assert refused.exit_code == 1 and "mixed sizes; train through a preprocessing" in refused.output
+    done = CliRunner().invoke(cli, [*base, "--image-size", "16", "--resize", "20"])
+    assert done.exit_code == 0, done.output
+    _, meta = load_checkpoint(tmp_path / "p.pt", "cpu")
+    assert meta.image_size == 16 and Preprocess.from_meta(meta) == PRE

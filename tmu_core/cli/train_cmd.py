@@ -47,12 +47,18 @@ def _recipe(epochs: int | None, paper_schedule: bool, no_augment: bool, seed: in
               help="Index folder (default: <home>/index).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint file (default: <home>/models/<model>/v1/checkpoint.pt).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Model input side: each image resized (shorter side) and centre-cropped to it; needed for an "
+                   "index of photos of mixed sizes (default: the index's one size).")
+@click.option("--resize", type=click.IntRange(min=1), default=None,
+              help="Shorter side before the centre crop (default: --image-size).")
 @click.option("--force", is_flag=True, help="Overwrite an existing checkpoint file.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.pass_context
 def train(ctx: click.Context, model_name: str, arch: str, epochs: int | None, paper_schedule: bool,
           lr: float, batch_size: int, no_augment: bool, seed: int, deterministic: bool, device: str | None,
-          retain_only: bool, index_path: Path | None, out: Path | None, force: bool, progress: bool) -> None:
+          retain_only: bool, index_path: Path | None, image_size: int | None, resize: int | None, force: bool,
+          out: Path | None, progress: bool) -> None:
     """Train ARCH on the index's train split and write the checkpoint; prints train/test accuracy as JSON."""
     workspace: Workspace = ctx.obj
     if not _MODEL_NAME.match(model_name):
@@ -63,10 +69,13 @@ def train(ctx: click.Context, model_name: str, arch: str, epochs: int | None, pa
     out = out if out is not None else workspace.version_dir(model_name, 1) / "checkpoint.pt"
     if out.exists() and not force:
         raise click.ClickException(f"checkpoint {out} already exists; pass --force to overwrite or choose --out")
+    if resize is not None and image_size is None:
+        raise click.UsageError("--resize needs --image-size")
     with tmu_errors():
         cfg = _recipe(epochs, paper_schedule, no_augment, seed, deterministic, lr, batch_size)
         report = train_to_checkpoint(
             index_path if index_path is not None else workspace.index_dir, arch, cfg,
             resolve_device(device or env_device()), out, retain_only=retain_only, progress=progress,
+            image_size=image_size, resize=resize,
         )
     echo_json(report)

@@ -334,6 +334,7 @@ def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig) -> None
     """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``."""
     from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
     from tmu_core.index import TrainingIndex
+    from tmu_core.preprocess import Preprocess
     from tmu_core.train import load_checkpoint
     from tmu_core.unlearn import get_method
 
@@ -348,7 +349,8 @@ def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig) -> None
         model, meta = load_checkpoint(record.checkpoint, device)
         with TrainingIndex.open(workspace.index_dir) as index:
             plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, target))
-            seconds = prepare(method, model, meta, index, plan, device, artifacts_dir(workspace, job.model, target))
+            seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan, device,
+                              artifacts_dir(workspace, job.model, target))
     except Exception as err:  # the job already succeeded; the next job prepares on demand
         logger.exception("job=%s: preparing v%s artifacts failed", job.id, target)
         store.jobs.set_fields(job.id, followup={"artifacts": "failed", "version": target, "reason": str(err)})

@@ -10,6 +10,7 @@ import torch
 
 from tmu_core.errors import InvalidInputError
 from tmu_core.models import count_parameters
+from tmu_core.preprocess import Preprocess
 from tmu_core.train.checkpoint import save_checkpoint
 from tmu_core.train.config import TrainConfig
 from tmu_core.train.fit import train_model
@@ -57,6 +58,8 @@ def train_to_checkpoint(
     out: Path,
     retain_only: bool = False,
     progress: bool = False,
+    image_size: int | None = None,
+    resize: int | None = None,
 ) -> TrainReport:
     """Train ``arch`` on the index's train split (or D_r), save the checkpoint and score it.
 
@@ -71,6 +74,10 @@ def train_to_checkpoint(
         out: checkpoint file to write.
         retain_only: train on ``index.retained_ids()``.
         progress: show a tqdm bar.
+        image_size: the model's input side: images are read through ``Preprocess(image_size, resize)`` (with the
+            index's channels; RGB for a mixed index), recorded in the checkpoint; needed for an index of mixed
+            sizes. None trains on the stored pixels.
+        resize: the shorter side before the centre crop (None: ``image_size``).
 
     Raises:
         CheckpointError: no index at ``index_dir``.
@@ -78,7 +85,11 @@ def train_to_checkpoint(
     """
     from tmu_core.index import TrainingIndex  # the index package is only needed here
 
-    with TrainingIndex.open(index_dir) as index:
+    with TrainingIndex.open(index_dir) as opened:
+        index = opened
+        if image_size is not None:
+            channels = opened.image_shape[0] if opened.image_shape is not None else 3
+            index = opened.view(Preprocess(size=image_size, resize=resize, channels=channels))
         ids = index.retained_ids() if retain_only else index.ids("train")
         if len(ids) < 2:
             raise InvalidInputError(f"index {index_dir} holds {len(ids)} live training sample(s); need at least 2")
