@@ -10,9 +10,6 @@ outcome = method.unlearn(model, meta, data, device, workdir)
 """
 
 from tmu_core.unlearn.base import (
-    SampleSource,
-    TensorSource,
-    UnlearnData,
     UnlearnMethod,
     UnlearnOutcome,
     get_method,
@@ -20,12 +17,14 @@ from tmu_core.unlearn.base import (
     parse_method_spec,
     register_method,
 )
+from tmu_core.unlearn.data import LazyImages, SampleSource, TensorSource, UnlearnData
 
 # Importing the method modules registers them.
-from tmu_core.unlearn import bad_teacher, baselines, fisher, scrub, tmu  # noqa: E402,F401  isort: skip
-from tmu_core.unlearn.options import TmuOptions  # noqa: E402
+from tmu_core.unlearn import bad_teacher, baselines, fisher, scrub, tmu  # noqa: F401  isort: skip
+from tmu_core.unlearn.options import TmuOptions
 
 __all__ = [
+    "LazyImages",
     "SampleSource",
     "TensorSource",
     "TmuOptions",

@@ -18,8 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmu_core.device import generator
-from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, check_range, register_method
-from tmu_core.unlearn.common import as_input, copy_model, epoch_batches, fresh_model, subset_rows
+from tmu_core.unlearn.base import (
+    UnlearnData,
+    UnlearnMethod,
+    UnlearnOutcome,
+    check_range,
+    register_method,
+)
+from tmu_core.unlearn.common import (
+    as_input,
+    copy_model,
+    epoch_batches,
+    fresh_model,
+    subset_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +81,10 @@ class BadTeacher(UnlearnMethod):
                 workdir: Path | None = None) -> UnlearnOutcome:
         started = time.perf_counter()
         opts = self.options
-        forget_images, _ = data.tensors("forget")
-        retain_images, _ = data.tensors("retain")
-        rows = subset_rows(retain_images.shape[0], opts.retain_fraction, opts.seed + 1)
-        images = torch.cat([forget_images, retain_images[rows]])
-        is_forget = torch.cat([torch.ones(forget_images.shape[0], dtype=torch.bool),
+        rows = subset_rows(len(data.nonempty("retain")), opts.retain_fraction, opts.seed + 1)
+        # D_f rows first, then the D_r subset's; each step reads only its own batch.
+        images = data.rows(data.nonempty("forget") + tuple(data.retain_ids[row] for row in rows.tolist()))
+        is_forget = torch.cat([torch.ones(len(data.forget_ids), dtype=torch.bool),
                                torch.zeros(rows.numel(), dtype=torch.bool)])
         competent = copy_model(model, device).eval()
         incompetent = fresh_model(model, meta, opts.seed + 2, device).eval()

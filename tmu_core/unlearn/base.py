@@ -16,151 +16,17 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tmu_core.errors import InvalidInputError, UnknownIdsError
+from tmu_core.errors import InvalidInputError
+from tmu_core.unlearn.data import UnlearnData
 
 logger = logging.getLogger(__name__)
-
-PARTS = ("forget", "retain", "twin")
-
-
-class SampleSource(Protocol):
-    """What unlearning needs from a training index: pixels and labels by sample id."""
-
-    def load(self, ids: list[str]) -> torch.Tensor:
-        """uint8 images (N, C, H, W) in the order of ``ids``."""
-
-    def labels(self, ids: list[str]) -> torch.Tensor:
-        """int64 labels (N,) in the order of ``ids``."""
-
-
-class TensorSource:
-    """A :class:`SampleSource` over tensors already in memory (for tensors that never went into an index).
-
-    Args:
-        ids: one id per row.
-        images: uint8 (N, C, H, W).
-        labels: int64 (N,).
-
-    Raises:
-        InvalidInputError: lengths differ, ids repeat, or the images are not uint8 (N, C, H, W).
-    """
-
-    def __init__(self, ids: Sequence[str], images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise InvalidInputError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if not (len(ids) == images.shape[0] == labels.shape[0]):
-            raise InvalidInputError(
-                f"ids, images and labels must have one row each, got {len(ids)}, {images.shape[0]}, {labels.shape[0]}"
-            )
-        self._row = {str(sample): row for row, sample in enumerate(ids)}
-        if len(self._row) != len(ids):
-            raise InvalidInputError("ids must be unique")
-        self._images, self._labels = images, labels.long()
-
-    def _rows(self, ids: Sequence[str]) -> torch.Tensor:
-        missing = [sample for sample in ids if sample not in self._row]
-        if missing:
-            raise UnknownIdsError(missing)
-        return torch.tensor([self._row[sample] for sample in ids], dtype=torch.long)
-
-    def load(self, ids: list[str]) -> torch.Tensor:
-        """uint8 images (N, C, H, W) of ``ids``, in order."""
-        return self._images[self._rows(ids)]
-
-    def labels(self, ids: list[str]) -> torch.Tensor:
-        """int64 labels (N,) of ``ids``, in order."""
-        return self._labels[self._rows(ids)]
-
-
-def _shown(ids: Sequence[str], limit: int = 5) -> str:
-    head = ", ".join(sorted(ids)[:limit])
-    return head + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-@dataclass(frozen=True)
-class UnlearnData:
-    """Which samples to forget, keep and use for the twin problem, and where their pixels live.
-
-    Attributes:
-        index: a :class:`tmu_core.index.TrainingIndex` (or any object with ``load`` and ``labels``).
-        forget_ids: D_f, the samples to forget (may be empty for ``prepare``).
-        retain_ids: D_r, the training samples to keep.
-        twin_ids: D_test, held-out samples (never trained on) that define TMU's twin problem.
-
-    Raises:
-        InvalidInputError: a sample appears twice, or in two of the three sets.
-    """
-
-    index: Any
-    forget_ids: tuple[str, ...]
-    retain_ids: tuple[str, ...]
-    twin_ids: tuple[str, ...] = ()
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("forget_ids", "retain_ids", "twin_ids"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise InvalidInputError(f"{name} must be a list of sample ids, got the string {value!r}")
-            ids = tuple(str(i) for i in value)
-            dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
-            if dupes:
-                raise InvalidInputError(f"{name} lists {len(dupes)} id(s) more than once: {_shown(dupes)}")
-            object.__setattr__(self, name, ids)
-        pairs = (("forget_ids", "retain_ids"), ("forget_ids", "twin_ids"), ("retain_ids", "twin_ids"))
-        for first, second in pairs:
-            both = set(getattr(self, first)) & set(getattr(self, second))
-            if both:
-                raise InvalidInputError(
-                    f"{len(both)} id(s) are in both {first} and {second} (the sets must be disjoint): {_shown(list(both))}"
-                )
-
-    @property
-    def training_ids(self) -> tuple[str, ...]:
-        """D_r + D_f: every sample the original model was trained on, sorted."""
-        return tuple(sorted(self.retain_ids + self.forget_ids))
-
-    def ids(self, part: str) -> tuple[str, ...]:
-        """The ids of ``"forget"``, ``"retain"`` or ``"twin"``."""
-        if part not in PARTS:
-            raise InvalidInputError(f"unknown data part {part!r}; expected one of {', '.join(PARTS)}")
-        return getattr(self, f"{part}_ids")
-
-    def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (N, C, H, W) and int64 labels (N,) of one part, loaded once and cached.
-
-        Args:
-            part: ``"forget"``, ``"retain"`` or ``"twin"``.
-
-        Raises:
-            InvalidInputError: unknown part, or the part is empty.
-        """
-        ids = self.ids(part)
-        if not ids:
-            raise InvalidInputError(f"the {part} set is empty; it needs at least one sample id")
-        if part not in self._cache:
-            self._cache[part] = self.load(list(ids))
-            logger.debug("loaded %s set: %d samples", part, len(ids))
-        return self._cache[part]
-
-    def load(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images and int64 labels of any ids (not cached); served from a cached part when possible."""
-        ids = list(ids)
-        for part, (images, labels) in self._cache.items():
-            position = {sample: row for row, sample in enumerate(self.ids(part))}
-            if all(sample in position for sample in ids):
-                rows = torch.tensor([position[sample] for sample in ids], dtype=torch.long)
-                return images[rows], labels[rows]
-        images = self.index.load(ids)
-        labels = torch.as_tensor(self.index.labels(ids), dtype=torch.long)
-        return images, labels
 
 
 @dataclass(frozen=True)
@@ -205,7 +71,7 @@ class UnlearnMethod(abc.ABC):
             device: where to compute.
             workdir: folder for files that survive the process (None: keep in memory only).
         """
-        return None
+        return
 
     @abc.abstractmethod
     def unlearn(

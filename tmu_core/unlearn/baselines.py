@@ -6,6 +6,8 @@
   for a bounded number of passes over D_f.
 - ``random_label``: fine-tune on D with a random wrong label on every D_f sample (Graves et al. 2021).
 - ``bad_teacher`` and ``fisher`` live in :mod:`tmu_core.unlearn.bad_teacher` and :mod:`tmu_core.unlearn.fisher`.
+
+None of them holds D_r in memory at once: each step reads its own batch of it (``UnlearnData.rows``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from torch import nn
 
 from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError
-from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, check_range, register_method
+from tmu_core.unlearn.base import (
+    UnlearnData,
+    UnlearnMethod,
+    UnlearnOutcome,
+    check_range,
+    register_method,
+)
 from tmu_core.unlearn.common import as_input, copy_model, epoch_batches, sgd
+from tmu_core.unlearn.data import LazyImages
+from tmu_core.unlearn.recipe import fit_rows, pixel_stats
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +56,11 @@ def recipe_config(meta: Any) -> Any:
     return TrainConfig.from_dict(recipe)
 
 
-def _fit_copy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Any,
-              device: torch.device) -> tuple[nn.Module, Any]:
-    from tmu_core.train import fit
-
+def _fit_copy(model: nn.Module, images: LazyImages, labels: torch.Tensor, cfg: Any,
+              device: torch.device) -> tuple[nn.Module, float]:
+    """A copy of ``model`` trained with ``cfg`` on rows read one batch at a time; and its last train accuracy."""
     tuned = copy_model(model, device)
-    history = fit(tuned, images, labels, cfg, device)
-    return tuned, history
+    return tuned, fit_rows(tuned, images, labels, cfg, device)
 
 
 @dataclass(frozen=True)
@@ -71,26 +79,28 @@ class RetrainOptions:
 
 @register_method("retrain")
 class Retrain(UnlearnMethod):
-    """A model trained from scratch on D_r with the original recipe (initialised as ``train_model`` does)."""
+    """A model trained from scratch on D_r with the original recipe (initialised as ``train_model`` does).
+
+    D_r is read one batch at a time: once for its pixel statistics (the model's normalisation), then by the
+    recipe's shuffled batches in every epoch.
+    """
 
     options_type = RetrainOptions
 
     def unlearn(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
                 workdir: Path | None = None) -> UnlearnOutcome:
         from tmu_core.models import build_model
-        from tmu_core.train import channel_stats, fit
 
         started = time.perf_counter()
         cfg = recipe_config(meta)
         cfg = replace(cfg, seed=self.options.seed if self.options.seed is not None else cfg.seed,
                       epochs=self.options.epochs or cfg.epochs)
-        images, labels = data.tensors("retain")
-        mean, std = channel_stats(images)
+        mean, std = pixel_stats(data.batches(data.nonempty("retain")))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             fresh = build_model(meta.arch, meta.num_classes, meta.in_channels, meta.image_size, mean, std)
-        history = fit(fresh, images, labels, cfg, device)
-        details = {"epochs": cfg.epochs, "seed": cfg.seed, "train_accuracy": history.train_acc[-1]}
+        train_accuracy = fit_rows(fresh, data.rows(data.retain_ids), data.labels_of(data.retain_ids), cfg, device)
+        details = {"epochs": cfg.epochs, "seed": cfg.seed, "train_accuracy": train_accuracy}
         return UnlearnOutcome(fresh, details, time.perf_counter() - started)
 
 
@@ -119,9 +129,9 @@ class Finetune(UnlearnMethod):
         started = time.perf_counter()
         opts = self.options
         cfg = replace(recipe_config(meta), epochs=opts.epochs, lr=opts.lr, gamma=1.0, seed=opts.seed)
-        images, labels = data.tensors("retain")
-        tuned, history = _fit_copy(model, images, labels, cfg, device)
-        details = {"epochs": opts.epochs, "lr": opts.lr, "train_accuracy": history.train_acc[-1]}
+        retain_ids = data.nonempty("retain")
+        tuned, train_accuracy = _fit_copy(model, data.rows(retain_ids), data.labels_of(retain_ids), cfg, device)
+        details = {"epochs": opts.epochs, "lr": opts.lr, "train_accuracy": train_accuracy}
         return UnlearnOutcome(tuned, details, time.perf_counter() - started)
 
 
@@ -162,7 +172,10 @@ class NegGrad(UnlearnMethod):
         started = time.perf_counter()
         opts = self.options
         forget_images, forget_labels = data.tensors("forget")
-        retain_images, retain_labels = data.tensors("retain") if opts.retain_weight > 0 else (None, None)
+        retain_images, retain_labels = None, None
+        if opts.retain_weight > 0:  # random retained batches, read one step at a time
+            retain_ids = data.nonempty("retain")
+            retain_images, retain_labels = data.rows(retain_ids), data.labels_of(retain_ids)
         tuned = copy_model(model, device)
         optimiser, gen = sgd(tuned, opts.lr), generator(opts.seed)
         tuned.train()
@@ -215,12 +228,11 @@ class RandomLabel(UnlearnMethod):
                 workdir: Path | None = None) -> UnlearnOutcome:
         started = time.perf_counter()
         opts = self.options
-        forget_images, forget_labels = data.tensors("forget")
-        retain_images, retain_labels = data.tensors("retain")
+        forget_labels = data.labels_of(data.nonempty("forget"))
         wrong = random_wrong_labels(forget_labels, int(meta.num_classes), generator(opts.seed))
-        images = torch.cat([retain_images, forget_images])
-        labels = torch.cat([retain_labels, wrong])
+        images = data.rows(data.nonempty("retain") + data.forget_ids)  # D_r rows first, then D_f's
+        labels = torch.cat([data.labels_of(data.retain_ids), wrong])
         cfg = replace(recipe_config(meta), epochs=opts.epochs, lr=opts.lr, gamma=1.0, seed=opts.seed)
-        tuned, history = _fit_copy(model, images, labels, cfg, device)
-        details = {"epochs": opts.epochs, "lr": opts.lr, "train_accuracy": history.train_acc[-1]}
+        tuned, train_accuracy = _fit_copy(model, images, labels, cfg, device)
+        details = {"epochs": opts.epochs, "lr": opts.lr, "train_accuracy": train_accuracy}
         return UnlearnOutcome(tuned, details, time.perf_counter() - started)

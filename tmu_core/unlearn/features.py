@@ -17,6 +17,7 @@ the prior the predicted easy rate of a one-class forget set was off by 20 to 40 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +32,45 @@ FEATURE_KINDS = ("df", "af", "cf", "prior")
 PAPER_FEATURES = ("df", "af", "cf")
 
 
-def _pairwise_topk(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+# Floats one distance block may take (64 MiB): the (q, r) distances twice over (cdist's result and the
+# running top-k's concatenation) plus the (q + r, D + 2) operands cdist builds for its matrix product.
+DISTANCE_BLOCK_FLOATS = 1 << 24
+
+
+def distance_chunks(n_query: int, n_reference: int, dim: int, budget: int | None = None) -> tuple[int, int]:
+    """Query and reference rows per distance block, so that ``2 q r + (q + r) (dim + 2) <= budget`` floats
+    (``DISTANCE_BLOCK_FLOATS`` when None).
+
+    Square blocks (``q = r``) for large sets on both sides; a small side is taken whole and the other grows
+    into the budget left (100 forget samples against a large retained set: one query block). The block, not
+    the sizes of the sets, bounds the memory.
+    """
+    budget = DISTANCE_BLOCK_FLOATS if budget is None else budget
+    width = dim + 2
+    side = max(1, int((math.sqrt(width * width + 2 * budget) - width) / 2))  # 2 c^2 + 2 c width = budget
+    query_rows = max(1, min(n_query, side))
+    reference_rows = max(1, min(n_reference, (budget - query_rows * width) // (2 * query_rows + width)))
+    return query_rows, reference_rows
+
+
+def _pairwise_topk(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int | None) -> torch.Tensor:
     """(Q, k) smallest L2 distances from each query row to the reference rows, ascending; padded if short.
 
-    Both sides are taken in chunks (a running top-k over reference chunks), so memory stays at
-    ``chunk x chunk`` distances whatever the size of the retained set.
+    Both sides are taken in blocks (a running top-k over reference blocks) of :func:`distance_chunks` rows
+    (``chunk`` rows on each side when given), so memory stays within one block whatever the size of the
+    retained set. Distances do not depend on the block sizes.
     """
+    if chunk is None:
+        query_rows, reference_rows = distance_chunks(query.shape[0], reference.shape[0], query.shape[1])
+    else:
+        query_rows = reference_rows = chunk
     out = []
     take = min(k, reference.shape[0])
-    for start in range(0, query.shape[0], chunk):
-        block = query[start:start + chunk]
+    for start in range(0, query.shape[0], query_rows):
+        block = query[start:start + query_rows]
         best = torch.empty(block.shape[0], 0, device=query.device)
-        for ref_start in range(0, reference.shape[0], chunk):
-            dist = torch.cdist(block, reference[ref_start:ref_start + chunk])  # (q, r)
+        for ref_start in range(0, reference.shape[0], reference_rows):
+            dist = torch.cdist(block, reference[ref_start:ref_start + reference_rows])  # (q, r)
             best = torch.cat([best, dist], dim=1).topk(min(take, best.shape[1] + dist.shape[1]), dim=1,
                                                        largest=False).values
         out.append(best)
@@ -55,7 +82,7 @@ def _pairwise_topk(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: 
 
 def distance_feature(query: torch.Tensor, query_labels: torch.Tensor, reference: torch.Tensor,
                      reference_labels: torch.Tensor, top_n: int = 5, same_class: bool = False,
-                     normalise: bool = False, chunk: int = 1024) -> torch.Tensor:
+                     normalise: bool = False, chunk: int | None = None) -> torch.Tensor:
     """DF: the ``top_n`` smallest L2 distances from each query sample to the reference (retained) samples.
 
     Args:
@@ -67,7 +94,8 @@ def distance_feature(query: torch.Tensor, query_labels: torch.Tensor, reference:
         same_class: only compare with retained samples of the query's class (the public code's choice);
             a class without retained samples falls back to all of them.
         normalise: L2-normalise the features first (the public code's choice).
-        chunk: query and reference rows per distance block, to bound memory.
+        chunk: query and reference rows per distance block, to bound memory; None follows the number of
+            query and reference rows and the feature width (:func:`distance_chunks`).
 
     Returns:
         (Q, top_n) distances, ascending in each row.

@@ -29,8 +29,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tmu_core.device import generator
-from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, check_range, register_method
+from tmu_core.unlearn.base import (
+    UnlearnData,
+    UnlearnMethod,
+    UnlearnOutcome,
+    check_range,
+    register_method,
+)
 from tmu_core.unlearn.common import as_input, copy_model, subset_rows
+from tmu_core.unlearn.data import LazyImages
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +68,11 @@ class FisherOptions:
         check_range("fisher", "seed", self.seed, 0)
 
 
-def fisher_diagonal(model: nn.Module, images: torch.Tensor, device: torch.device, chunk: int,
+def fisher_diagonal(model: nn.Module, images: torch.Tensor | LazyImages, device: torch.device, chunk: int,
                     gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Mean over ``images`` of the squared per-sample gradient of ``log p(y_sampled | x)``, per parameter.
+
+    ``images`` (N, C, H, W) uint8 are read ``chunk`` rows at a time.
 
     The model runs in eval mode (batch norm uses its running statistics), so per-sample gradients are exact.
     """
@@ -98,12 +107,13 @@ class FisherForgetting(UnlearnMethod):
                 workdir: Path | None = None) -> UnlearnOutcome:
         started = time.perf_counter()
         opts = self.options
-        retain_images, _ = data.tensors("retain")
-        n_retain = retain_images.shape[0]
+        n_retain = len(data.nonempty("retain"))
         rows = subset_rows(n_retain, min(1.0, opts.samples / n_retain), opts.seed + 1)
         gen = generator(opts.seed)
         tuned = copy_model(model, device)
-        fisher = fisher_diagonal(tuned, retain_images[rows], device, opts.chunk, gen)
+        # Only the sampled retained images are read, one chunk at a time.
+        sampled = data.rows([data.retain_ids[row] for row in rows.tolist()])
+        fisher = fisher_diagonal(tuned, sampled, device, opts.chunk, gen)
         scrambled = 0
         with torch.no_grad():
             for name, param in tuned.named_parameters():

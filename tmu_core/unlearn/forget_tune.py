@@ -47,6 +47,7 @@ from torch import nn
 from tmu_core.device import generator
 from tmu_core.unlearn.base import check_choice, check_range
 from tmu_core.unlearn.common import as_input, correct_of, eval_mode, sgd
+from tmu_core.unlearn.data import LazyImages
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,13 @@ class TuneConfig:
 @dataclass(frozen=True)
 class TuneSet:
     """uint8 images (N, C, H, W) and labels (N,) of one group of samples (may be empty), and optionally a
-    target logit margin (N,) for each sample of the easy group."""
+    target logit margin (N,) for each sample of the easy group.
 
-    images: torch.Tensor
+    ``images`` is a tensor, or :class:`tmu_core.unlearn.data.LazyImages` for retained samples: a step then
+    reads only the batch it draws.
+    """
+
+    images: torch.Tensor | LazyImages
     labels: torch.Tensor
     margin_target: torch.Tensor | None = None
 
@@ -161,9 +166,10 @@ def _accuracy(correct: torch.Tensor) -> float:
 
 
 def _pick(part: TuneSet, count: int, gen: torch.Generator) -> TuneSet:
-    """``count`` random samples of ``part`` (all of it when it has no more)."""
+    """``count`` random samples of ``part`` (all of it when it has no more), with their images read."""
     if count >= part.size:
-        return part
+        return part if isinstance(part.images, torch.Tensor) else TuneSet(part.images[:], part.labels,
+                                                                           part.margin_target)
     rows = torch.randperm(part.size, generator=gen)[:count] if count > 0 else torch.zeros(0, dtype=torch.long)
     target = part.margin_target[rows] if part.margin_target is not None else None
     return TuneSet(part.images[rows], part.labels[rows], target)

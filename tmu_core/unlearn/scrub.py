@@ -29,7 +29,13 @@ from torch import nn
 
 from tmu_core.device import generator
 from tmu_core.unlearn.bad_teacher import distill_loss
-from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, check_range, register_method
+from tmu_core.unlearn.base import (
+    UnlearnData,
+    UnlearnMethod,
+    UnlearnOutcome,
+    check_range,
+    register_method,
+)
 from tmu_core.unlearn.common import as_input, copy_model, epoch_batches, sgd
 
 logger = logging.getLogger(__name__)
@@ -84,7 +90,9 @@ class Scrub(UnlearnMethod):
         started = time.perf_counter()
         opts = self.options
         forget_images, _ = data.tensors("forget")
-        retain_images, retain_labels = data.tensors("retain")
+        # D_r is read one min-step batch at a time.
+        retain_ids = data.nonempty("retain")
+        retain_images, retain_labels = data.rows(retain_ids), data.labels_of(retain_ids)
         teacher = copy_model(model, device).eval()
         student = copy_model(model, device)
         optimiser = sgd(student, opts.lr)

@@ -20,15 +20,33 @@ import torch
 from torch import nn
 
 from tmu_core.errors import CheckpointError, InvalidInputError
-from tmu_core.unlearn.base import UnlearnData, UnlearnMethod, UnlearnOutcome, register_method
-from tmu_core.unlearn.common import copy_model, features_of, fresh_model, logits_of, on_device, subset_rows
+from tmu_core.unlearn.base import UnlearnMethod, UnlearnOutcome, register_method
+from tmu_core.unlearn.common import (
+    copy_model,
+    features_over,
+    fresh_model,
+    logits_of,
+    on_device,
+    subset_rows,
+)
+from tmu_core.unlearn.data import UnlearnData
 from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy
 from tmu_core.unlearn.features import assemble, curriculum_feature
 from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune, logit_margin
 from tmu_core.unlearn.options import TmuOptions
-from tmu_core.unlearn.prepared import PreparedTmu, load_prepared, save_prepared, stored_key
-from tmu_core.unlearn.twin import (build_prepared, fit_twin_classifier, prepare_key, problem_columns,
-                                   train_cf_model)
+from tmu_core.unlearn.prepared import (
+    PreparedTmu,
+    load_prepared,
+    save_prepared,
+    stored_key,
+)
+from tmu_core.unlearn.twin import (
+    build_prepared,
+    fit_twin_classifier,
+    prepare_key,
+    problem_columns,
+    train_cf_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +161,12 @@ class TmuMethod(UnlearnMethod):
         if not missing:
             return prepared.train_features[rows]
         logger.info("tmu: computing penultimate features of %d samples not in the prepared state", len(missing))
-        images, _ = data.load(ids)
-        return features_of(model, images, device).cpu()
+        return features_over(model, data.batches(ids), len(ids), device)
 
     @staticmethod
     def _labels_of(data: UnlearnData, ids: tuple[str, ...], prepared: PreparedTmu) -> torch.Tensor:
         rows, missing = prepared.rows_of(ids)
-        return prepared.train_labels[rows] if not missing else data.load(ids)[1]
+        return prepared.train_labels[rows] if not missing else data.labels_of(ids)
 
     def _cf_model(self, prepared: PreparedTmu, model: nn.Module, meta: Any, device: torch.device) -> nn.Module:
         cf_model = fresh_model(model, meta, self.options.seed + 2, device)
@@ -157,14 +174,10 @@ class TmuMethod(UnlearnMethod):
         return cf_model.eval()
 
     def _request_cf_model(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device) -> nn.Module:
-        """The paper's curriculum model: trained on D_f + D_test + ``cf_subset`` of D_r."""
-        forget_images, forget_labels = data.tensors("forget")
-        twin_images, twin_labels = data.tensors("twin")
-        retain_images, retain_labels = data.tensors("retain")
+        """The paper's curriculum model: trained on D_f + D_test + ``cf_subset`` of D_r (read a batch at a time)."""
         rows = subset_rows(len(data.retain_ids), self.options.cf_subset, self.options.seed + 6)
-        images = torch.cat([forget_images, twin_images, retain_images[rows]])
-        labels = torch.cat([forget_labels, twin_labels, retain_labels[rows]])
-        return train_cf_model(model, meta, images, labels, self.options, device)
+        ids = data.forget_ids + data.twin_ids + tuple(data.retain_ids[row] for row in rows.tolist())
+        return train_cf_model(model, meta, data.rows(ids), data.labels_of(ids), self.options, device)
 
     def _easy_targets(self, model: nn.Module, data: UnlearnData, labels: torch.Tensor,
                       device: torch.device) -> torch.Tensor | None:
@@ -183,11 +196,12 @@ class TmuMethod(UnlearnMethod):
         return targets
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
-        """A random sample of D_r big enough for every step's retain batch (None without a retain term)."""
+        """A random sample of D_r big enough for every step's retain batch (None without a retain term); each
+        step reads only the batch it draws from it."""
         opts = self.options
         if opts.retain_weight <= 0:
             return None
         count = min(len(data.retain_ids), opts.retain_batch * opts.max_steps)
         rows = subset_rows(len(data.retain_ids), count / len(data.retain_ids), opts.seed + 7)
-        images, labels = data.load([data.retain_ids[i] for i in rows.tolist()])
-        return TuneSet(images, labels)
+        ids = [data.retain_ids[i] for i in rows.tolist()]
+        return TuneSet(data.rows(ids), data.labels_of(ids))

@@ -4,6 +4,10 @@ Twin problem: M_t = M_o fine-tuned on D_test. For M_t, "forget D_test" has a kno
 M_o's correctness on D_test labels each twin sample easy (1) or hard (0). The twin problem's features of
 D_test are computed with M_t as "the original model" and D_r + D_f as the retained set; the real problem's
 features of D_f with M_o and D_r.
+
+The training set (D_r + D_f) is never in memory as images: its penultimate features under M_o and M_t are
+computed in one pass each, a batch at a time, and the samples the twin and CF models train on are read one
+training batch at a time. D_test is small and loads whole.
 """
 
 from __future__ import annotations
@@ -16,12 +20,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from tmu_core.unlearn.base import UnlearnData
-from tmu_core.unlearn.common import (copy_model, correct_of, features_of, fresh_model, model_hash, subset_rows,
-                                     train_epochs)
+from tmu_core.unlearn.common import (
+    copy_model,
+    correct_of,
+    features_of,
+    features_over,
+    fresh_model,
+    model_hash,
+    subset_rows,
+    train_epochs,
+)
+from tmu_core.unlearn.data import LazyImages, UnlearnData
 from tmu_core.unlearn.easy_hard import EasyHardMLP, fit_classifier
-from tmu_core.unlearn.features import (adversarial_feature, assemble, class_prior, curriculum_feature,
-                                       distance_feature)
+from tmu_core.unlearn.features import (
+    adversarial_feature,
+    assemble,
+    class_prior,
+    curriculum_feature,
+    distance_feature,
+)
 from tmu_core.unlearn.options import TmuOptions
 from tmu_core.unlearn.prepared import PreparedTmu
 
@@ -37,14 +54,14 @@ def prepare_key(model: nn.Module, data: UnlearnData, options: TmuOptions) -> str
     return digest.hexdigest()
 
 
-def training_tensors(data: UnlearnData) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
-    """D_r + D_f ids, uint8 images and labels (retain rows first, then forget rows)."""
-    images, labels = data.tensors("retain")
-    ids = data.retain_ids
-    if data.forget_ids:
-        f_images, f_labels = data.tensors("forget")
-        images, labels, ids = torch.cat([images, f_images]), torch.cat([labels, f_labels]), ids + data.forget_ids
-    return ids, images, labels
+def training_ids(data: UnlearnData) -> tuple[tuple[str, ...], torch.Tensor]:
+    """D_r + D_f ids (retain rows first, then forget rows) and their labels (N,); no image is read.
+
+    Raises:
+        InvalidInputError: the retained set is empty.
+    """
+    ids = data.nonempty("retain") + data.forget_ids
+    return ids, data.labels_of(ids)
 
 
 def problem_columns(original: nn.Module, images: torch.Tensor, labels: torch.Tensor, query_feats: torch.Tensor,
@@ -73,30 +90,43 @@ def problem_columns(original: nn.Module, images: torch.Tensor, labels: torch.Ten
     return columns
 
 
-def train_cf_model(model: nn.Module, meta: Any, images: torch.Tensor, labels: torch.Tensor, options: TmuOptions,
-                   device: torch.device) -> nn.Module:
-    """A fresh network of M_o's architecture trained ``cf_epochs`` epochs on the given samples."""
+def train_cf_model(model: nn.Module, meta: Any, images: torch.Tensor | LazyImages, labels: torch.Tensor,
+                   options: TmuOptions, device: torch.device) -> nn.Module:
+    """A fresh network of M_o's architecture trained ``cf_epochs`` epochs on the given samples.
+
+    ``images`` (N, C, H, W) uint8 may be :class:`LazyImages`: each step then reads only its own batch.
+    """
     cf_model = fresh_model(model, meta, options.seed + 2, device)
     train_epochs(cf_model, images, labels, epochs=options.cf_epochs, lr=options.cf_lr, batch_size=options.cf_batch,
                  seed=options.seed + 3, device=device)
     return cf_model
 
 
-def make_twin_model(model: nn.Module, twin: tuple[torch.Tensor, torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
+def make_twin_model(model: nn.Module, data: UnlearnData, train: tuple[tuple[str, ...], torch.Tensor],
                     options: TmuOptions, target: float, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """M_t: a copy of M_o fine-tuned on D_test until it fits D_test as well as ``target`` (or ``twin_epochs``).
 
     ``target`` is a fraction; matching M_o's own fit of its training set keeps D_test under M_t as
     "memorised" as D_f is under M_o, so features of the two problems are comparable. With
     ``twin_retain_mix > 0`` a random part of the training set (that share of |D_test|) joins the fine-tune,
-    so that M_t keeps fitting D_r + D_f as a model trained on all three would.
+    so that M_t keeps fitting D_r + D_f as a model trained on all three would (read a batch at a time).
+
+    Args:
+        model: M_o.
+        data: the twin ids and the source of every image.
+        train: the training ids and their labels.
+        options: TMU options.
+        target: the fraction of D_test M_t must fit.
+        device: where to compute.
     """
-    twin_images, twin_labels = twin
-    images, labels = twin
+    twin_images, twin_labels = data.tensors("twin")
+    images, labels = twin_images, twin_labels
     if options.twin_retain_mix > 0:
-        rows = subset_rows(train[0].shape[0], min(1.0, options.twin_retain_mix * len(twin_labels) / len(train[1])),
+        train_ids, train_labels = train
+        rows = subset_rows(len(train_ids), min(1.0, options.twin_retain_mix * len(twin_labels) / len(train_ids)),
                            options.seed + 8)
-        images, labels = torch.cat([twin_images, train[0][rows]]), torch.cat([twin_labels, train[1][rows]])
+        images = data.rows(data.twin_ids + tuple(train_ids[row] for row in rows.tolist()))
+        labels = torch.cat([twin_labels, train_labels[rows]])
     twin_model = copy_model(model, device)
 
     def fitted() -> bool:
@@ -111,8 +141,9 @@ def make_twin_model(model: nn.Module, twin: tuple[torch.Tensor, torch.Tensor], t
 
 def original_fit(model: nn.Module, train_feats: torch.Tensor, train_labels: torch.Tensor) -> float:
     """M_o's accuracy (fraction) on its training set, from its penultimate features and ``model.head``."""
+    device = next(model.head.parameters()).device
     with torch.inference_mode():
-        logits = model.head(train_feats)
+        logits = model.head(train_feats.to(device))
     return (logits.argmax(dim=1).cpu() == train_labels.cpu()).float().mean().item()
 
 
@@ -130,9 +161,10 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    train_ids, train_images, train_labels = training_tensors(data)
+    train_ids, train_labels = training_ids(data)
     twin_images, twin_labels = data.tensors("twin")
-    train_feats = features_of(model, train_images, device)
+    # (N, D) under M_o: the first of the two passes over D_r + D_f
+    train_feats = features_over(model, data.batches(train_ids), len(train_ids), device)
     twin_easy = correct_of(model, twin_images, twin_labels, device).cpu()
     num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
     class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
@@ -142,19 +174,18 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     target = options.twin_target_accuracy
     if target is None:
         target = original_fit(model, train_feats, train_labels)
-    twin_model, twin_fit = make_twin_model(model, (twin_images, twin_labels), (train_images, train_labels), options,
-                                           target, device)
+    twin_model, twin_fit = make_twin_model(model, data, (train_ids, train_labels), options, target, device)
     timings["twin_model"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     rows = subset_rows(len(train_ids), options.cf_subset, options.seed + 6)
-    cf_images, cf_labels = torch.cat([twin_images, train_images[rows]]), torch.cat([twin_labels, train_labels[rows]])
-    cf_model = train_cf_model(model, meta, cf_images, cf_labels, options, device)
     cf_ids = data.twin_ids + tuple(train_ids[i] for i in rows.tolist())
+    cf_model = train_cf_model(model, meta, data.rows(cf_ids), torch.cat([twin_labels, train_labels[rows]]), options,
+                              device)
     timings["cf_model"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    twin_train_feats = features_of(twin_model, train_images, device)
+    twin_train_feats = features_over(twin_model, data.batches(train_ids), len(train_ids), device)  # the second pass
     columns = problem_columns(twin_model, twin_images, twin_labels, features_of(twin_model, twin_images, device),
                               twin_train_feats, train_labels, cf_model, options, device)
     if "prior" in options.features:
