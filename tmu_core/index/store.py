@@ -200,12 +200,15 @@ class TrainingIndex:
         records = self.lookup(ids)
         return torch.tensor([r.label for r in records], dtype=torch.long, device=device)
 
-    def _decode(self, records: list[SampleRecord], preprocess: Preprocess | None) -> torch.Tensor:
+    def _check_readable(self, preprocess: Preprocess | None) -> None:
         if preprocess is None and self.image_shape is None:
             raise InvalidInputError(
                 f"the index at {self.root} holds images of mixed sizes; read it through a model's preprocessing "
                 "(index.view(preprocess), or preprocess=...)"
             )
+
+    def _decode(self, records: list[SampleRecord], preprocess: Preprocess | None) -> torch.Tensor:
+        self._check_readable(preprocess)
         shape = self.image_shape if preprocess is None else (preprocess.channels, preprocess.size, preprocess.size)
         out = torch.empty((len(records), *shape), dtype=torch.uint8)  # (N, C, H, W)
         pixels = out.numpy()  # the same memory
@@ -245,8 +248,7 @@ class TrainingIndex:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
-        if preprocess is None and self.image_shape is None:
-            self._decode([], None)  # raises the mixed-sizes error before the first batch
+        self._check_readable(preprocess)  # before the first batch, as the unknown ids are
         records = self.lookup(ids)
         return self._batches(records, batch_size, device, preprocess)
 
