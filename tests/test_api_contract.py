@@ -78,7 +78,7 @@ def test_openapi_document_is_valid_openapi(spec) -> None:
     assert spec == APP.openapi(), "GET /openapi.json must serve the document the app is built from"
     assert set(spec["paths"]) == {"/health", "/forget", "/forget/{model}", "/requests", "/requests/{request_id}",
                                   "/jobs", "/jobs/{job_id}", "/models/{model}/versions",
-                                  "/models/{model}/rollback"}
+                                  "/models/{model}/rollback", "/models/{model}/retrain"}
 
 
 def _operations(spec: dict):

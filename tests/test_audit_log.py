@@ -87,7 +87,7 @@ def test_rehashed_edit_still_breaks_next_link(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_rejected(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="forget, swap, rollback, purge"):
+    with pytest.raises(InvalidInputError, match="forget, retrain, swap, rollback, purge"):
         AuditLog(tmp_path / "state.sqlite").append("delete", "m", {})
 
 

@@ -8,15 +8,16 @@ from pathlib import Path
 from tmu_core.service import swap
 from tmu_core.state.audit import AuditLog
 from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
+from tmu_core.forget.drift import DriftPolicy
 from tmu_core.state.jobs import JobStore
 from tmu_core.state.versions import VersionRegistry
 
 
 def run_dispatched(workspace, job_id: str, kill_at: str | None = None, timeout: float = 180.0,
-                   max_attempts: int = 5):
+                   max_attempts: int = 5, drift: DriftPolicy = DriftPolicy(), retention_s: float = 0.0):
     """Run the queue with a dispatcher (worker processes) until ``job_id`` is done; return the job."""
     settings = WorkerSettings(device="cpu", kill_at=kill_at, poll_s=0.2, max_attempts=max_attempts,
-                              resume_delay_s=0.5)
+                              resume_delay_s=0.5, drift=drift, retention_s=retention_s)
     dispatcher = Dispatcher(workspace, settings)
     dispatcher.start()
     jobs = JobStore(workspace.state_db)

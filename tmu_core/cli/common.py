@@ -34,3 +34,52 @@ def echo_json(value: Any) -> None:
     if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+DEFAULT_DRIFT_BUDGET = "1.0"
+
+
+def drift_options(command: Any) -> Any:
+    """The drift-budget options of the commands that start the extension (``serve start``, ``extension start``)."""
+    options = [
+        click.option("--drift-budget", default=DEFAULT_DRIFT_BUDGET, show_default=True,
+                     help="ACC_Dtest points a model may lose against its last exact version before an exact "
+                          "retrain on the retained data is queued in the background; 'off' never queues one."),
+        click.option("--retrain-after-forgets", type=click.IntRange(min=1), default=None,
+                     help="Also queue a retrain after this many forget jobs since the last exact version."),
+        click.option("--retrain-after", "retrain_after", default=None,
+                     help="Also queue a retrain once the last exact version is this old and has forgotten "
+                          "something (e.g. 30d, 12h)."),
+        click.option("--drift-hold", default="off", show_default=True,
+                     help="ACC_Dtest points of cost at which forget requests stop being unlearned on top of the "
+                          "drifting model while its retrain runs: they wait and the exact version covers them; "
+                          "'off' unlearns them as usual meanwhile."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _points(name: str, text: str) -> float | None:
+    from tmu_core.errors import InvalidInputError
+
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInputError(f"{name} takes ACC_Dtest points (e.g. 1.0) or 'off', got {text!r}") from None
+
+
+def drift_policy(budget: str, after_forgets: int | None, after: str | None, hold: str = "off") -> Any:
+    """The :class:`~tmu_core.forget.drift.DriftPolicy` of :func:`drift_options`' values.
+
+    Raises:
+        InvalidInputError: a budget or hold level that is neither a number nor ``off``, or a bad duration.
+    """
+    from tmu_core.forget.drift import DriftPolicy
+    from tmu_core.service.rollback import parse_duration
+
+    age = parse_duration(after).total_seconds() if after else None
+    return DriftPolicy(budget=_points("--drift-budget", budget), max_forgets=after_forgets, max_age_s=age,
+                       hold_at=_points("--drift-hold", hold))

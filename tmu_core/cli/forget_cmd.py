@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from tmu_core.cli import cli
-from tmu_core.cli.common import echo_json, parse_list, tmu_errors
+from tmu_core.cli.common import drift_options, drift_policy, echo_json, parse_list, tmu_errors
 from tmu_core.config import Workspace
 
 
@@ -127,15 +127,18 @@ def versions(workspace: Workspace, model: str) -> None:
     """List MODEL's versions with their state, lineage and forget request."""
     with tmu_errors():
         body = _client(workspace).versions(model)
-    click.echo(f"{'version':<9}{'state':<13}{'parent':<8}{'forget request':<18}{'trained on':>11}  "
-               f"{'created':<28}archive")
+    click.echo(f"{'version':<9}{'state':<13}{'kind':<13}{'parent':<8}{'made by':<18}{'trained on':>11}"
+               f"{'drift':>8}  {'created':<28}archive")
     for v in body["versions"]:
         size = "-" if v.get("trained_on") is None else str(v["trained_on"])
-        click.echo(f"{v['version']:<9}{v['state']:<13}{str(v['parent'] or '-'):<8}"
-                   f"{(v['forget_request'] or '-'):<18}{size:>11}  {v['created_at'][:26]:<28}"
+        drift = (v.get("metrics") or {}).get("drift")
+        cost = f"{drift['cost']:+.2f}" if drift and v.get("kind") == "approximate" else "-"
+        click.echo(f"{v['version']:<9}{v['state']:<13}{v.get('kind', '-'):<13}{str(v['parent'] or '-'):<8}"
+                   f"{(v['forget_request'] or '-'):<18}{size:>11}{cost:>8}  {v['created_at'][:26]:<28}"
                    f"{Path(v['archive']).name}")
+    click.echo("drift: ACC_Dtest points lost since the lineage's last exact version")
     click.echo(f"forgotten samples: {body.get('forgotten', 0)}; owed again after a rollback: "
-               f"{body.get('owed', 0)}" + (" (forgetting them again takes a retrain on the retained data)"
+               f"{body.get('owed', 0)}" + (f" (tmu-admin retrain {model} forgets them again)"
                                            if body.get("owed") else ""))
 
 
@@ -149,6 +152,28 @@ def report(workspace: Workspace, job_id: str) -> None:
     if not (job.get("result") or {}).get("metrics"):
         raise click.ClickException(f"job {job_id} is {job['state']} and has no report"
                                    + (f": {job['reason']}" if job.get("reason") else ""))
+    _show_finished(workspace, job)
+
+
+@cli.command("retrain")
+@click.argument("model")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs instead of the recorded recipe's.")
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Wait until the exact version serves.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=24 * 3600.0, show_default=True,
+              help="Seconds to wait with --wait.")
+@click.pass_obj
+def retrain(workspace: Workspace, model: str, epochs: int | None, wait: bool, timeout: float) -> None:
+    """Retrain MODEL exactly on its retained samples in the background and serve it as a new exact version.
+
+    Forget requests go on meanwhile; samples they forget before the retrain lands are left out of it.
+    """
+    with tmu_errors():
+        client = _client(workspace)
+        answer = client.retrain(model, epochs)
+        if not wait:
+            echo_json(answer)
+            return
+        job = wait_with_bar(client, answer["job_id"], timeout)
     _show_finished(workspace, job)
 
 
@@ -200,15 +225,18 @@ def extension_group() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @click.option("--device", default="auto", show_default=True, help="Where jobs run: auto, cpu, cuda, cuda:N.")
 @click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
+@drift_options
 @click.pass_obj
-def extension_start(workspace: Workspace, port: int, device: str, retention: str) -> None:
+def extension_start(workspace: Workspace, port: int, device: str, retention: str, drift_budget: str,
+                    retrain_after_forgets: int | None, retrain_after: str | None, drift_hold: str) -> None:
     """Start the extension service in the background (loopback, token in <home>/serve/extension.key)."""
     from tmu_core.forget.dispatcher import WorkerSettings
     from tmu_core.service import server
     from tmu_core.service.rollback import parse_duration
 
     with tmu_errors():
-        worker = WorkerSettings(device=device, retention_s=parse_duration(retention).total_seconds())
+        worker = WorkerSettings(device=device, retention_s=parse_duration(retention).total_seconds(),
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold))
         info = server.start(workspace, server.ServiceConfig(port=port, worker=worker))
     echo_json(info)
 

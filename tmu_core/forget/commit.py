@@ -45,6 +45,17 @@ class CommitPlan:
     members: tuple[str, ...]
     forgotten: tuple[str, ...]
     request_ids: tuple[str, ...]
+    kind: str = "approximate"
+    drift: dict[str, Any] | None = None
+    drift_policy: Any = None
+
+
+def _audit_details(job: Job, plan: CommitPlan, result: dict[str, Any]) -> dict[str, Any]:
+    if plan.kind == "exact":
+        return {"method": "retrain", "metrics": result.get("metrics"), "rounds": result.get("rounds"),
+                "reason": job.options.get("reason"), "trained_on": len(plan.members)}
+    return {"method": result.get("method"), "metrics": result.get("metrics"), "owners": job.owner_ids,
+            "forget_request": job.request_id, "already_forgotten": len(job.already_forgotten)}
 
 
 def kill_point(config: Any, job: Job, name: str) -> None:
@@ -65,21 +76,32 @@ def is_committed(store: StateStore, job: Job) -> bool:
 def commit_job(store: StateStore, job: Job, plan: CommitPlan, result: dict[str, Any], policy: RetryPolicy) -> None:
     """The commit transaction, retried while the database is locked or full; the job's next step is set in it.
 
+    The new version keeps its ``drift`` record in its metrics; when ``plan.drift_policy`` says the lineage is due,
+    the exact retrain is queued in the same transaction (the report says so).
+
     Raises:
         sqlite3.OperationalError / OSError: still failing after ``policy``; nothing was committed.
     """
+    from tmu_core.forget.drift import schedule_if_due
+
+    metrics = {**result.get("metrics", {}), **({"drift": plan.drift} if plan.drift else {})}
+
     def once() -> None:
         with store.transaction() as conn:
             store.versions.record_version(plan.model, plan.target, plan.archive, plan.checkpoint, plan.onnx,
-                                          parent=plan.source, forget_request=job.id,
-                                          metrics=result.get("metrics", {}), state="serving",
-                                          members=plan.members, conn=conn)
-            store.membership.mark_forgotten(conn, plan.model, plan.forgotten, job.id)
+                                          parent=plan.source, forget_request=job.id, metrics=metrics,
+                                          state="serving", members=plan.members, kind=plan.kind, conn=conn)
+            if plan.forgotten:
+                store.membership.mark_forgotten(conn, plan.model, plan.forgotten, job.id)
             record = store.audit.append(
-                "forget", plan.model, {"from": plan.source, "to": plan.target}, plan.request_ids, plan.forgotten,
-                {"method": result.get("method"), "metrics": result.get("metrics"), "owners": job.owner_ids,
-                 "forget_request": job.request_id, "already_forgotten": len(job.already_forgotten)}, conn=conn)
+                "forget" if plan.kind == "approximate" else "retrain", plan.model,
+                {"from": plan.source, "to": plan.target}, plan.request_ids, plan.forgotten,
+                _audit_details(job, plan, result), conn=conn)
             final = {**result, "audit_head": f"{record.seq}:{record.hash}"}
+            if plan.drift_policy is not None and "forgetting" in final:
+                scheduled = schedule_if_due(store, plan.model, plan.drift, plan.drift_policy, conn=conn)
+                outlook = {**final["forgetting"].get("retrain", {}), "scheduled": scheduled}
+                final["forgetting"] = {**final["forgetting"], "retrain": outlook}
             store.jobs.set_fields(job.id, result=final, conn=conn)
             store.jobs.enter_step(job.id, FORWARD_STEPS[0], 0.7, conn=conn)
 

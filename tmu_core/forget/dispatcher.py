@@ -1,4 +1,5 @@
-"""The dispatcher: a thread in the extension service that runs queued forget jobs, one per model at a time.
+"""The dispatcher: a thread in the extension service that runs queued jobs: per model, one forget job at a time,
+and beside it one retrain job (:mod:`tmu_core.forget.retrain`).
 
 Each job runs in its own worker process (``python -m tmu_core.forget.worker``), so the HTTP API stays responsive
 and a crash in the job cannot take the service down. When a worker exits while its job is still ``running`` (it
@@ -7,7 +8,8 @@ it is queued again (failed after its last attempt); after its commit, a new work
 such a job can only be finished. At start it does the same for jobs left ``running`` by a worker that died while
 the service was down, and adopts workers that still run. On every pass it also wipes the pixels of forgotten
 samples that no model needs any more (:mod:`tmu_core.forget.wipe`) and, on a schedule, purges the files of
-versions that hold forgotten samples once their retention has passed.
+versions that hold forgotten samples once their retention has passed, and queues the retrain of a model whose
+last exact version has grown older than the drift policy allows (:mod:`tmu_core.forget.drift`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmu_core.config import Workspace
+from tmu_core.forget.drift import DriftPolicy, policy_flags
 from tmu_core.service.swap import SwapSettings
 from tmu_core.state.jobs import Job, JobStore
 
@@ -41,7 +44,8 @@ class WorkerSettings:
             forgotten samples (0: deleted when the forget job finishes).
         max_attempts: tries of a job that fails before its commit.
         resume_delay_s: wait before a worker resumes a job that stopped after its commit.
-        purge_every_s: how often versions past their retention are purged.
+        purge_every_s: how often versions past their retention are purged (and retrains due by age queued).
+        drift: when forget jobs queue an exact retrain (passed to each worker); off by default.
     """
 
     device: str = "auto"
@@ -52,6 +56,7 @@ class WorkerSettings:
     max_attempts: int = 5
     resume_delay_s: float = 2.0
     purge_every_s: float = 60.0
+    drift: DriftPolicy = DriftPolicy()
 
 
 def worker_log(workspace: Workspace, job_id: str) -> Path:
@@ -64,6 +69,7 @@ def worker_command(workspace: Workspace, job_id: str, settings: WorkerSettings) 
     cmd = [settings.python, "-m", "tmu_core.forget.worker", "--job", job_id, "--home", str(workspace.home),
            "--model-store", str(workspace.model_store), "--device", settings.device,
            "--retention-s", str(settings.retention_s), "--max-attempts", str(settings.max_attempts)]
+    cmd += policy_flags(settings.drift)
     if settings.kill_at:
         cmd += ["--kill-at", settings.kill_at]
     return cmd
@@ -197,16 +203,30 @@ class Dispatcher:
 
     def _start_queued(self) -> None:
         for model in self.jobs.queued_models():
-            if self._stop.is_set():
-                return
-            job = self.jobs.claim_next(model)
-            if job is None:
-                continue
-            try:
-                self._spawn(job)
-            except OSError as err:
-                logger.exception("cannot start a worker for job=%s", job.id)
-                self.jobs.finish(job.id, "failed", reason=f"the worker process could not be started: {err}")
+            for kind in ("forget", "retrain"):
+                if self._stop.is_set():
+                    return
+                if kind == "forget" and self._held(model):
+                    continue
+                job = self.jobs.claim_next(model, kind)
+                if job is None:
+                    continue
+                try:
+                    self._spawn(job)
+                except OSError as err:
+                    logger.exception("cannot start a worker for job=%s", job.id)
+                    self.jobs.finish(job.id, "failed", reason=f"the worker process could not be started: {err}")
+
+    def _held(self, model: str) -> bool:
+        """Forget jobs of ``model`` wait: its lineage is past the hold level and its retrain is queued or running."""
+        from tmu_core.state.versions import VersionRegistry
+
+        if self.settings.drift.hold_at is None:
+            return False
+        serving = VersionRegistry(self.workspace.state_db).serving(model)
+        if serving is None or not self.settings.drift.holds(serving.metrics.get("drift")):
+            return False
+        return any(j.state in ("queued", "running") for j in self.jobs.retrains(model))
 
     def _start_resumes(self) -> None:
         now = time.monotonic()
@@ -228,7 +248,21 @@ class Dispatcher:
             from tmu_core.service.rollback import purge_due
 
             purge_due(self.workspace, self.settings.retention_s)
+            self._schedule_retrains()
             self._purged_at = time.monotonic()
+
+    def _schedule_retrains(self) -> None:
+        """Queue the retrain of each model whose serving version is due by the drift policy (its age limit)."""
+        from tmu_core.forget.drift import schedule_if_due
+        from tmu_core.state.store import StateStore
+
+        if not self.settings.drift.enabled:
+            return
+        store = StateStore.open(self.workspace)
+        for model in store.versions.models():
+            serving = store.versions.serving(model)
+            if serving is not None and serving.kind == "approximate":
+                schedule_if_due(store, model, serving.metrics.get("drift"), self.settings.drift)
 
     def _spawn(self, job: Job) -> None:
         log_path = worker_log(self.workspace, job.id)

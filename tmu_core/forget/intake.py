@@ -191,8 +191,8 @@ def check_owed(state: Any, forget_set: ForgetSet, scope: str | None) -> None:
             raise ConflictError(
                 f"model {model!r} is trained again on {len(stuck)} sample(s) that a rollback with undo_forgets "
                 f"brought back, and their pixels are already wiped, so they cannot be unlearned: "
-                f"{', '.join(stuck[:10])}; retrain {model!r} on its retained data (tmu-admin train, then "
-                "package) to forget them")
+                f"{', '.join(stuck[:10])}; retrain {model!r} on its retained data (tmu-admin retrain {model}, "
+                f"POST /models/{model}/retrain) to forget them")
 
 
 __all__ = ["FanOut", "ForgetRequest", "ForgetSet", "UnknownIdsError", "check_method", "check_owed", "fan_out",

@@ -26,6 +26,7 @@ from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
 from tmu_core.forget.commit import kill_point
+from tmu_core.forget.drift import DriftPolicy, drift_after
 from tmu_core.forget.retry import RetryPolicy
 from tmu_core.service.swap import SwapSettings
 from tmu_core.state.jobs import Job
@@ -35,7 +36,9 @@ from tmu_core.state.versions import VersionRecord
 logger = logging.getLogger(__name__)
 
 STEPS = ("load", "unlearn", "evaluate", "save", "package", "register", "commit")
-KILL_POINTS = STEPS + commit.FORWARD_STEPS
+# A retrain job's steps (tmu_core.forget.retrain): "train" replaces load/unlearn.
+RETRAIN_STEPS = ("train", "evaluate", "save", "package", "register", "commit")
+KILL_POINTS = STEPS + ("train",) + commit.FORWARD_STEPS
 T = TypeVar("T")
 
 
@@ -54,6 +57,7 @@ class PipelineConfig:
             when the job finishes). Its prepared artifacts are always deleted then.
         max_attempts: tries of a job that fails before its commit, counting the first.
         retry: how the commit transaction and each step after it are retried.
+        drift: when the commit also queues an exact retrain of the model (:mod:`tmu_core.forget.drift`).
         kill_at: test-only: exit with code 9 at this step of the first attempt (one of ``KILL_POINTS``).
     """
 
@@ -66,6 +70,7 @@ class PipelineConfig:
     retention_s: float = 0.0
     max_attempts: int = 5
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    drift: DriftPolicy = field(default_factory=DriftPolicy)
     kill_at: str | None = None
 
     def __post_init__(self) -> None:
@@ -112,10 +117,10 @@ class Saved:
 class _Run:
     """One job's run: the context every step reads, and the timing and kill hook around each step."""
 
-    def __init__(self, workspace: Workspace, job: Job, config: PipelineConfig) -> None:
+    def __init__(self, workspace: Workspace, job: Job, config: PipelineConfig, steps: tuple[str, ...] = STEPS) -> None:
         from tmu_core.device import resolve_device
 
-        self.workspace, self.job, self.config = workspace, job, config
+        self.workspace, self.job, self.config, self.steps = workspace, job, config, steps
         self.store = StateStore.open(workspace)
         self.device = resolve_device(config.device)
         self.ids, self.request_ids = self.store.jobs.forget_set(job)
@@ -123,7 +128,7 @@ class _Run:
 
     def step(self, name: str, action: Callable[[], T]) -> T:
         """Record the step on the job, run it, time it."""
-        self.store.jobs.enter_step(self.job.id, name, STEPS.index(name) / (len(STEPS) + 4))
+        self.store.jobs.enter_step(self.job.id, name, self.steps.index(name) / (len(self.steps) + 4))
         kill_point(self.config, self.job, name)
         started = time.perf_counter()
         value = action()
@@ -222,13 +227,16 @@ def _result(run: _Run, loaded: Loaded, unlearned: Unlearned, metrics: Any, packa
     loads = [s["at"] for s in job.steps if s["step"] == "load"]
     worker_start = (datetime.fromisoformat(loads[-1]) - claimed).total_seconds() if loads else 0.0
     timings = {"queue_wait": round(queued, 3), "worker_start": round(max(worker_start, 0.0), 3), **run.timings}
+    drift = drift_after(loaded.source, metrics.acc_test_before, metrics.acc_test_after, len(loaded.forget_ids))
+    forgetting = {"kind": "approximate", "method": loaded.method.name, "exact_base": drift["exact_base"],
+                  "drift": drift, "retrain": run.config.drift.outlook(drift)}
     return {
         "job_id": job.id, "model": job.model, "from_version": loaded.source.version, "to_version": loaded.target,
         "request_ids": run.request_ids, "forget_request": job.request_id, "method": loaded.method.name,
         "samples": len(loaded.forget_ids), "owners": job.owner_ids, "already_forgotten": job.already_forgotten,
         "attempt": job.attempts + 1, "metrics": metrics_dict(metrics), "timings": timings,
         "unlearn_details": _json_safe(unlearned.outcome.details), "device": str(run.device),
-        "onnx_max_abs_diff": getattr(package.onnx_check, "max_abs_diff", None),
+        "onnx_max_abs_diff": getattr(package.onnx_check, "max_abs_diff", None), "forgetting": forgetting,
     }
 
 
@@ -246,7 +254,8 @@ def _run_to_commit(run: _Run) -> bool:
     result = _result(run, loaded, unlearned, metrics, package)
     plan = commit.CommitPlan(model=run.job.model, source=loaded.source.version, target=loaded.target,
                              archive=package.archive, checkpoint=saved.checkpoint, onnx=package.onnx,
-                             members=loaded.retain_ids, forgotten=tuple(run.ids), request_ids=tuple(run.request_ids))
+                             members=loaded.retain_ids, forgotten=tuple(run.ids), request_ids=tuple(run.request_ids),
+                             drift=result["forgetting"]["drift"], drift_policy=run.config.drift)
     run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
                                                  run.config.retry))
     return True
@@ -315,10 +324,11 @@ def _forward(workspace: Workspace, job_id: str, config: PipelineConfig, resumed:
         return store.jobs.get(job_id)
 
 
-def _attempt(run: _Run) -> bool | None:
-    """Run to the commit; on a failure before it, undo and queue again (None). True when committed."""
+def _attempt(run: _Run, to_commit: Callable[[], bool] | None = None) -> bool | None:
+    """Run to the commit (``to_commit``, a forget job's steps by default); on a failure before it, undo and queue
+    again (None). True when committed, False when there was nothing to do."""
     try:
-        return _run_to_commit(run)
+        return to_commit() if to_commit is not None else _run_to_commit(run)
     except Exception as err:
         job = run.store.jobs.get(run.job.id)
         if commit.is_committed(run.store, job):  # the commit landed, then something raised: only forward

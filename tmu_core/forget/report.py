@@ -118,9 +118,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     metrics, timings = report["metrics"], report.get("timings", {})
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    names = ["ACC D_test", "ACC D_f", "ASR D_f"]
-    before = [metrics["acc_test_before"], metrics["acc_forget_before"], metrics["asr_before"]]
-    after = [metrics["acc_test_after"], metrics["acc_forget_after"], metrics["asr_after"]]
+    exact = report.get("kind") == "retrain"
+    names = ["ACC D_test"] if exact else ["ACC D_test", "ACC D_f", "ASR D_f"]
+    before = [metrics["acc_test_before"]] + ([] if exact else [metrics["acc_forget_before"], metrics["asr_before"]])
+    after = [metrics["acc_test_after"]] + ([] if exact else [metrics["acc_forget_after"], metrics["asr_after"]])
     xs = range(len(names))
     left.bar([x - 0.2 for x in xs], before, width=0.4, label=f"v{report.get('from_version')}")
     left.bar([x + 0.2 for x in xs], after, width=0.4, label=f"v{report.get('to_version')}")
@@ -128,7 +129,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     left.set_ylim(0, 100)
     left.set_ylabel("%")
     left.legend(fontsize=8)
-    left.set_title(f"{report.get('model')}: forget {metrics['forget_size']} samples", fontsize=9)
+    left.set_title(f"{report.get('model')}: " + (f"exact retrain on {metrics['trained_on']} samples" if exact
+                                                  else f"forget {metrics['forget_size']} samples"), fontsize=9)
     steps = [(k, v) for k, v in ordered_timings(timings) if k != "request_to_serving"][::-1]
     right.barh([k for k, _ in steps], [v for _, v in steps])
     right.set_xlabel("seconds")
@@ -142,16 +144,45 @@ def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of a report (what ``tmu-admin report`` prints)."""
     m, t = report["metrics"], report.get("timings", {})
     lines = [f"job {report.get('job_id')}  model {report.get('model')}  v{report.get('from_version')} -> "
-             f"v{report.get('to_version')}  method {report.get('method')}",
-             f"forget set: {m['forget_size']} samples (D_test: {m['test_size']})",
-             f"{'metric':<12}{'before':>10}{'after':>10}",
-             f"{'ACC_Dtest':<12}{m['acc_test_before']:>10.2f}{m['acc_test_after']:>10.2f}",
-             f"{'ACC_Df':<12}{m['acc_forget_before']:>10.2f}{m['acc_forget_after']:>10.2f}",
-             f"{'ASR_Df':<12}{m['asr_before']:>10.2f}{m['asr_after']:>10.2f}"]
-    if m.get("predicted_hard") is not None:
-        lines.append(f"predicted hard/easy: {m['predicted_hard']}/{m['predicted_easy']}")
+             f"v{report.get('to_version')}  method {report.get('method')}"]
+    if report.get("kind") == "retrain":
+        lines += [f"exact retrain on {m['trained_on']} retained samples, {report.get('rounds')} round(s): "
+                  f"{report.get('reason')}", f"{'metric':<12}{'before':>10}{'after':>10}",
+                  f"{'ACC_Dtest':<12}{m['acc_test_before']:>10.2f}{m['acc_test_after']:>10.2f}"]
+    else:
+        lines += [f"forget set: {m['forget_size']} samples (D_test: {m['test_size']})",
+                  f"{'metric':<12}{'before':>10}{'after':>10}",
+                  f"{'ACC_Dtest':<12}{m['acc_test_before']:>10.2f}{m['acc_test_after']:>10.2f}",
+                  f"{'ACC_Df':<12}{m['acc_forget_before']:>10.2f}{m['acc_forget_after']:>10.2f}",
+                  f"{'ASR_Df':<12}{m['asr_before']:>10.2f}{m['asr_after']:>10.2f}"]
+        if m.get("predicted_hard") is not None:
+            lines.append(f"predicted hard/easy: {m['predicted_hard']}/{m['predicted_easy']}")
+    forgetting = report.get("forgetting")
+    if forgetting:
+        lines.append(forgetting_line(forgetting))
     lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ordered_timings(t)))
     return "\n".join(lines)
+
+
+def forgetting_line(forgetting: dict[str, Any]) -> str:
+    """What kind of forgetting a version is, and for an approximate one, where its exact retrain stands."""
+    if forgetting.get("kind") == "exact":
+        return f"forgetting: exact (retrained; replaces {forgetting.get('replaces_kind')} v{forgetting.get('replaces')})"
+    drift, retrain = forgetting.get("drift") or {}, forgetting.get("retrain") or {}
+    line = (f"forgetting: approximate ({forgetting.get('method')}), {drift.get('forgets')} forget job(s) and "
+            f"{drift.get('cost', 0):+.2f} ACC_Dtest points since exact v{forgetting.get('exact_base')}")
+    scheduled = retrain.get("scheduled")
+    if scheduled and scheduled.get("queued"):
+        return line + f"; exact retrain {scheduled['job_id']} queued now: {scheduled['reason']}"
+    if scheduled:
+        return line + f"; retrain due ({scheduled['reason']}) but not queued: {scheduled.get('note')}"
+    policy = retrain.get("policy") or {}
+    if not any(policy.get(k) is not None for k in ("budget", "max_forgets", "max_age_s")):
+        return line + "; no exact retrain is scheduled (drift budget off)"
+    limits = [f"{retrain['cost_left']:.2f} points of budget left" if "cost_left" in retrain else "",
+              f"{retrain['forgets_left']} forget job(s) left" if "forgets_left" in retrain else "",
+              f"due at {retrain['due_at']}" if "due_at" in retrain else ""]
+    return line + "; next exact retrain: " + ", ".join(x for x in limits if x)
 
 
 def metrics_dict(metrics: ForgetMetrics) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from tmu_core.forget.intake import ForgetRequest
 from tmu_core.service.limits import BodyLimit
 from tmu_core.service.schemas import (JOB_STATE, MAX_LIST_LIMIT, MODEL_NAME, MODEL_NAME_LENGTH, RECORD_ID,
                                       ErrorBody, ForgetAnswer, ForgetBody, Health, Job, JobList, NothingToDo,
-                                      RequestList, RequestView, RollbackAnswer, RollbackBody, Versions)
+                                      RequestList, RequestView, RetrainAnswer, RetrainBody, RollbackAnswer,
+                                      RollbackBody, Versions)
 from tmu_core.state.audit import AuditLog
 from tmu_core.state.jobs import JobStore
 from tmu_core.state.store import StateStore
@@ -262,6 +263,20 @@ def _add_model_routes(router: APIRouter, state: ServiceState) -> None:
 
         result = do_rollback(state.workspace, model, body.to_version, undo_forgets=body.undo_forgets)
         return JSONResponse(result.to_json())
+
+    @router.post("/models/{model}/retrain", status_code=202, response_model=RetrainAnswer,
+                 responses={200: {"model": RetrainAnswer, "description": "a retrain was already queued or running"},
+                            **_errors(**_BODY_ERRORS, s404="the model serves nothing")},
+                 summary="Retrain the model exactly on its retained samples, in the background")
+    def retrain(model: ModelName, body: RetrainBody | None = None) -> Any:
+        state.registry.require_serving(model)
+        options = {"reason": "requested", "requested_by": "tmu-admin retrain",
+                   **({"method_options": {"epochs": body.epochs}} if body and body.epochs else {})}
+        job, created = state.jobs.submit_retrain(model, options)
+        if created and state.dispatcher is not None:
+            state.dispatcher.wake()
+        return JSONResponse({"job_id": job.id, "model": model, "state": job.state, "existing": not created},
+                            status_code=202 if created else 200)
 
 
 def _size(members: set[str] | None) -> int | None:

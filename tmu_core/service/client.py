@@ -127,6 +127,10 @@ class ExtensionClient:
         return self._call("POST", f"/models/{model}/rollback",
                           json={"to_version": to_version, "undo_forgets": undo_forgets})
 
+    def retrain(self, model: str, epochs: int | None = None) -> dict[str, Any]:
+        """``POST /models/{model}/retrain``."""
+        return self._call("POST", f"/models/{model}/retrain", json={"epochs": epochs} if epochs else {})
+
     def health(self) -> dict[str, Any]:
         """``GET /health``."""
         return self._call("GET", "/health")

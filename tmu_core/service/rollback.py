@@ -50,7 +50,7 @@ class RollbackResult:
         if self.owed:
             body["note"] = (f"{self.owed} sample(s) that {self.model!r} had forgotten are served again and owed; "
                             f"{self.owed_pixels_wiped} of them have no pixels left, so forgetting them again "
-                            "takes a retrain on the retained data (tmu-admin train, then package)")
+                            f"takes a retrain on the retained data (tmu-admin retrain {self.model})")
         return body
 
 

@@ -197,9 +197,10 @@ class JobStep(BaseModel):
 
 
 class Job(BaseModel):
-    """One forget job as stored (``GET /jobs/{job_id}``)."""
+    """One job as stored (``GET /jobs/{job_id}``): a forget job, or an exact retrain of the model."""
 
     id: str
+    kind: Literal["forget", "retrain"]
     model: str
     state: JOB_STATE
     step: str | None
@@ -249,6 +250,8 @@ class Version(BaseModel):
     created_at: str
     state: str
     state_changed_at: str
+    kind: Literal["exact", "approximate"] = Field(description="exact: trained on exactly its membership (an original "
+                                                  "or a retrain); approximate: made by a forget method")
     trained_on: int | None = Field(description="training-set size, or null when the membership was not recorded")
 
 
@@ -260,6 +263,23 @@ class Versions(BaseModel):
     versions: list[Version]
     forgotten: int = Field(ge=0)
     owed: int = Field(ge=0)
+
+
+class RetrainBody(BaseModel):
+    """Body of ``POST /models/{model}/retrain`` (optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{}, {"epochs": 10}]})
+    epochs: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(_whole_number)] | None = Field(
+        None, description="epochs instead of the recorded recipe's")
+
+
+class RetrainAnswer(BaseModel):
+    """``POST /models/{model}/retrain``: the retrain job, new or the one already queued or running."""
+
+    job_id: str
+    model: str
+    state: JOB_STATE
+    existing: bool = Field(description="true when a retrain of the model was already queued or running")
 
 
 class RollbackAnswer(BaseModel):

@@ -35,7 +35,7 @@ from tmu_core.state.secret import fsync_dir, keyed_id, load_or_create_secret
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("forget", "swap", "rollback", "purge", "wipe")
+KINDS = ("forget", "retrain", "swap", "rollback", "purge", "wipe")
 GENESIS = "0" * 64
 SECRET_NAME = "secret.key"
 HEAD_NAME = "audit.head"
@@ -168,7 +168,7 @@ class AuditLog:
         """Append one record, chained to the last one; its head line is written once the transaction commits.
 
         Args:
-            kind: one of ``forget``, ``swap``, ``rollback``, ``purge``, ``wipe`` (pixels wiped from the index).
+            kind: one of ``forget``, ``retrain`` (an exact version made), ``swap``, ``rollback``, ``purge``, ``wipe`` (pixels wiped from the index).
             model: the model the event concerns.
             versions: version numbers by role, e.g. ``{"from": 1, "to": 2}``.
             request_ids: the forget requests (job ids) involved.

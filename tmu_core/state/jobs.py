@@ -1,10 +1,13 @@
 """The forget-job queue: a persistent table in the state database.
 
-A job is ``queued``, then ``running`` (with its current step and progress 0..1), then ``succeeded`` or ``failed``
-(with the reason). One job runs at a time per model. A request that arrives while another request for the same
+A job is a ``forget`` job (it makes the model forget samples) or a ``retrain`` job (an exact retrain of the model on
+its retained samples, :mod:`tmu_core.forget.retrain`). A job is ``queued``, then ``running`` (with its current step and progress 0..1), then ``succeeded`` or ``failed``
+(with the reason). One job of each kind runs at a time per model: a retrain trains beside the forget jobs
+and takes the model's lock only to swap its version in. A request that arrives while another request for the same
 model is still queued with the same options is merged into it: the later job keeps its own id, records
 ``merged_into``, and mirrors the state of the job that carries it; the carrying job lists it in ``merged_from``.
-Merging never touches a running job, whose forget set is fixed when it starts.
+Merging never touches a running job, whose forget set is fixed when it starts. Retrain jobs never merge; a model
+has at most one queued or running retrain.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tmu_core.state.db import dumps, read_conn, utc_now, write_tx
 logger = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_KINDS = ("forget", "retrain")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,18 +54,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at TEXT,
     request_id TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    not_before TEXT
+    not_before TEXT,
+    kind TEXT NOT NULL DEFAULT 'forget'
 )
 """
 # Columns added after the first release: an older state database gets them on open.
-_ADDED_COLUMNS = {"request_id": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0", "not_before": "TEXT"}
+_ADDED_COLUMNS = {"request_id": "TEXT", "attempts": "INTEGER NOT NULL DEFAULT 0", "not_before": "TEXT",
+                  "kind": "TEXT NOT NULL DEFAULT 'forget'"}
 _JSON_COLUMNS = ("sample_ids", "owner_ids", "already_forgotten", "options", "merged_from", "steps", "result",
                  "followup")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One forget job as stored. ``steps`` lists ``{"step", "at"}`` in the order the worker entered them."""
+    """One job as stored (``kind`` ``forget`` or ``retrain``). ``steps`` lists ``{"step", "at"}`` in the order the worker entered them."""
 
     id: str
     model: str
@@ -88,6 +94,7 @@ class Job:
     request_id: str | None = None
     attempts: int = 0
     not_before: str | None = None
+    kind: str = "forget"
 
     @property
     def done(self) -> bool:
@@ -189,7 +196,7 @@ class JobStore:
     @staticmethod
     def _merge_target(conn: sqlite3.Connection, model: str, options: dict[str, Any]) -> Job | None:
         rows = conn.execute("SELECT * FROM jobs WHERE model=? AND state='queued' AND merged_into IS NULL "
-                            "ORDER BY created_at", (model,)).fetchall()
+                            "AND kind='forget' ORDER BY created_at", (model,)).fetchall()
         return next((job for job in map(_row_to_job, rows) if job.options == options), None)
 
     def get(self, job_id: str) -> Job:
@@ -241,19 +248,57 @@ class JobStore:
                                 "ORDER BY model").fetchall()
         return [r[0] for r in rows]
 
-    def claim_next(self, model: str) -> Job | None:
-        """Mark the oldest queued job of ``model`` running, unless one is running already; None if nothing to do."""
+    def claim_next(self, model: str, kind: str = "forget") -> Job | None:
+        """Mark the oldest queued job of ``model`` and ``kind`` running, unless one of that kind is running
+        already; None if nothing to do."""
         with write_tx(self.path) as conn:
-            if conn.execute("SELECT 1 FROM jobs WHERE model=? AND state='running' AND merged_into IS NULL",
-                            (model,)).fetchone():
+            if conn.execute("SELECT 1 FROM jobs WHERE model=? AND state='running' AND merged_into IS NULL "
+                            "AND kind=?", (model, kind)).fetchone():
                 return None
             row = conn.execute("SELECT id FROM jobs WHERE model=? AND state='queued' AND merged_into IS NULL "
-                               "AND (not_before IS NULL OR not_before <= ?) ORDER BY created_at LIMIT 1",
-                               (model, utc_now())).fetchone()
+                               "AND kind=? AND (not_before IS NULL OR not_before <= ?) ORDER BY created_at LIMIT 1",
+                               (model, kind, utc_now())).fetchone()
             if row is None:
                 return None
             self._set(conn, row["id"], state="running", step="starting", progress=0.0, started_at=utc_now())
         return self.get(row["id"])
+
+    def submit_retrain(self, model: str, options: dict[str, Any], *,
+                       conn: sqlite3.Connection | None = None) -> tuple[Job, bool]:
+        """Queue an exact retrain of ``model``, unless one is queued or running: then return that one.
+
+        Args:
+            options: why and for what (JSON-ready): ``reason``, the ``exact_base`` it replaces, ``requested_by``.
+            conn: an open write transaction to join (a forget job's commit schedules its retrain with it).
+
+        Returns:
+            The job, and True when it was queued now.
+        """
+        if conn is None:
+            with write_tx(self.path) as own:
+                job, created = self.submit_retrain(model, options, conn=own)
+            return self.get(job.id), created
+        row = conn.execute("SELECT * FROM jobs WHERE model=? AND kind='retrain' AND state IN ('queued','running') "
+                           "ORDER BY created_at LIMIT 1", (model,)).fetchone()
+        if row is not None:
+            return _row_to_job(row), False
+        job_id = f"rj-{uuid.uuid4().hex[:12]}"
+        conn.execute(
+            "INSERT INTO jobs (id, model, state, progress, sample_ids, owner_ids, already_forgotten, options, "
+            "merged_from, steps, result, followup, created_at, kind) "
+            "VALUES (?,?,'queued',0,'[]','[]','[]',?,'[]','[]','{}','{}',?,'retrain')",
+            (job_id, model, dumps(dict(options)), utc_now()))
+        logger.info("job=%s queued: retrain model=%s (%s)", job_id, model, options.get("reason"))
+        return _row_to_job(conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()), True
+
+    def retrains(self, model: str, *, conn: sqlite3.Connection | None = None) -> list[Job]:
+        """``model``'s retrain jobs, newest first."""
+        if conn is None:
+            with read_conn(self.path) as own:
+                return self.retrains(model, conn=own)
+        rows = conn.execute("SELECT * FROM jobs WHERE model=? AND kind='retrain' ORDER BY created_at DESC",
+                            (model,)).fetchall()
+        return [_row_to_job(r) for r in rows]
 
     def forget_set(self, job: Job) -> tuple[list[str], list[str]]:
         """The sample ids and request ids a job carries: its own plus those of the jobs merged into it."""

@@ -3,6 +3,9 @@
 A version is ``serving`` while it is the model's default in TorchServe, ``superseded`` once a forget request
 replaced it, ``rolled_back`` once a rollback moved away from it, and ``purged`` once its archive and checkpoint
 were deleted. At most one version of a model is ``serving``.
+
+A version is ``exact`` when it was trained on exactly its membership (an original model, or a retrain on the
+retained samples) and ``approximate`` when a forget method (TMU or another) derived it from its parent.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tmu_core.state.membership import Membership
 logger = logging.getLogger(__name__)
 
 STATES = ("serving", "superseded", "rolled_back", "purged")
+KINDS = ("exact", "approximate")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -39,9 +43,12 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at TEXT NOT NULL,
     state TEXT NOT NULL,
     state_changed_at TEXT NOT NULL,
+    kind TEXT,
     PRIMARY KEY (model, version)
 )
 """
+_COLUMNS = ("model", "version", "parent", "forget_request", "archive", "archive_sha256", "checkpoint",
+            "checkpoint_sha256", "onnx", "onnx_sha256", "metrics", "created_at", "state", "state_changed_at", "kind")
 # Version numbers handed out but not (yet) recorded: a job and `tmu-admin package` never pick the same one.
 _RESERVATIONS = """
 CREATE TABLE IF NOT EXISTS reservations (
@@ -72,6 +79,7 @@ class VersionRecord:
     created_at: str = ""
     state: str = "serving"
     state_changed_at: str = ""
+    kind: str = "exact"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings)."""
@@ -81,7 +89,7 @@ class VersionRecord:
             "archive_sha256": self.archive_sha256, "checkpoint": str(self.checkpoint),
             "checkpoint_sha256": self.checkpoint_sha256, "onnx": str(self.onnx) if self.onnx else None,
             "onnx_sha256": self.onnx_sha256, "metrics": self.metrics, "created_at": self.created_at,
-            "state": self.state, "state_changed_at": self.state_changed_at,
+            "state": self.state, "state_changed_at": self.state_changed_at, "kind": self.kind,
         }
 
 
@@ -109,6 +117,8 @@ def _row_to_record(row: sqlite3.Row) -> VersionRecord:
         onnx=Path(row["onnx"]) if row["onnx"] else None, onnx_sha256=row["onnx_sha256"],
         metrics=json.loads(row["metrics"]), created_at=row["created_at"], state=row["state"],
         state_changed_at=row["state_changed_at"],
+        # rows recorded before the column existed: a version made by a forget request is approximate
+        kind=row["kind"] or ("exact" if row["forget_request"] is None else "approximate"),
     )
 
 
@@ -123,12 +133,14 @@ class VersionRegistry:
         self.path = Path(path)
         with write_tx(self.path) as conn:
             conn.execute(_SCHEMA)
+            if "kind" not in {row["name"] for row in conn.execute("PRAGMA table_info(versions)")}:
+                conn.execute("ALTER TABLE versions ADD COLUMN kind TEXT")
             conn.execute(_RESERVATIONS)
         self.membership = Membership(self.path)
 
     def record_version(self, model: str, version: int, archive: Path, checkpoint: Path, onnx: Path | None,
                        parent: int | None, forget_request: str | None, metrics: dict[str, Any],
-                       *, state: str = "serving", members: Any = None,
+                       *, state: str = "serving", members: Any = None, kind: str | None = None,
                        conn: sqlite3.Connection | None = None) -> VersionRecord:
         """Record a new version, hashing its files. A new ``serving`` version supersedes the one serving before.
 
@@ -141,6 +153,8 @@ class VersionRegistry:
             metrics: JSON-ready numbers worth keeping with the version.
             state: initial state, one of ``STATES`` except ``purged``.
             members: the sample ids the version was trained on (None: unknown, read as every training sample).
+            kind: ``exact`` or ``approximate``; None: ``exact`` for an original (no ``forget_request``), else
+                ``approximate``.
             conn: an open write transaction to join (used to commit a version with its audit record).
 
         Raises:
@@ -151,15 +165,18 @@ class VersionRegistry:
             raise InvalidInputError(f"version must be an integer >= 1, got {version!r}")
         if state not in STATES or state == "purged":
             raise InvalidInputError(f"state must be one of serving, superseded, rolled_back; got {state!r}")
+        kind = kind or ("exact" if forget_request is None else "approximate")
+        if kind not in KINDS:
+            raise InvalidInputError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
         onnx_path = Path(onnx).absolute() if onnx else None
         values = (model, version, parent, forget_request, str(Path(archive).absolute()), file_sha256(archive),
                   str(Path(checkpoint).absolute()), file_sha256(checkpoint),
                   str(onnx_path) if onnx_path else None, file_sha256(onnx_path) if onnx_path else None,
-                  dumps(metrics), utc_now(), state)
+                  dumps(metrics), utc_now(), state, kind)
         if conn is None:
             with write_tx(self.path) as own:
                 return self.record_version(model, version, archive, checkpoint, onnx, parent, forget_request,
-                                           metrics, state=state, members=members, conn=own)
+                                           metrics, state=state, members=members, kind=kind, conn=own)
         self._insert(conn, values)
         if members is not None:
             self.membership.record(conn, model, version, members)
@@ -169,14 +186,16 @@ class VersionRegistry:
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, values: tuple) -> None:
-        model, version, state, now = values[0], values[1], values[-1], values[11]
+        model, version, state, now = values[0], values[1], values[12], values[11]
         if conn.execute("SELECT 1 FROM versions WHERE model=? AND version=?", (model, version)).fetchone():
             raise ConflictError(f"model {model!r} already has a version {version}; the next free one is "
                                 f"{_next(conn, model)}")
         if state == "serving":
             conn.execute("UPDATE versions SET state='superseded', state_changed_at=? "
                          "WHERE model=? AND state='serving'", (now, model))
-        conn.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values + (now,))
+        row = dict(zip(_COLUMNS[:13] + _COLUMNS[14:], values), state_changed_at=now)
+        conn.execute(f"INSERT INTO versions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                     tuple(row.values()))
 
     def set_state(self, model: str, version: int, state: str, *, conn: sqlite3.Connection | None = None) -> None:
         """Move a version to ``state``; making one ``serving`` demotes the serving one to ``superseded``.

@@ -1,0 +1,194 @@
+"""The exact retrain on a real TorchServe: queued by the drift policy, swapped in without a failed prediction,
+overtaken by a forget while it trains, killed before its commit, and clearing samples a rollback made owed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from e2e_support import assert_serving, audit_kinds, run_dispatched
+from test_service_support import FAST_TMU
+from tmu_core.forget import retrain
+from tmu_core.forget.drift import DriftPolicy
+from tmu_core.forget.intake import ForgetRequest
+from tmu_core.forget.pipeline import PipelineConfig
+from tmu_core.forget.report import format_report
+from tmu_core.forget.submit import submit_request
+from tmu_core.index import TrainingIndex
+from tmu_core.serving import InferenceClient
+from tmu_core.state.store import StateStore
+from tmu_core.train import load_checkpoint
+from tmu_core.unlearn.baselines import recipe_config
+
+pytestmark = pytest.mark.integration
+
+
+def _forget(workspace, owner: str) -> tuple[str, list[str]]:
+    answer, created = submit_request(workspace, StateStore.open(workspace),
+                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
+    assert created, answer
+    with TrainingIndex.open(workspace.index_dir) as index:
+        return answer["job_id"], index.ids_for_owners([owner])
+
+
+class _Predictions:
+    """Predictions sent without pause from a thread (at most ``limit_s``), each answer's version kept."""
+
+    def __init__(self, infer: InferenceClient, image: bytes, limit_s: float = 300.0) -> None:
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(infer, image, limit_s), daemon=True)
+
+    def _loop(self, infer: InferenceClient, image: bytes, limit_s: float) -> None:
+        deadline = time.monotonic() + limit_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.versions.append(infer.predict("m", image).model_version)
+            except Exception as err:  # every failure is a finding: the test asserts there are none
+                self.failures.append(repr(err))
+            time.sleep(0.01)
+
+    def __enter__(self) -> "_Predictions":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _image(workspace) -> bytes:
+    return (workspace.home.parent / "tree" / "test" / "a" / "0000.png").read_bytes()
+
+
+def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served) -> None:
+    workspace, server = served
+    store = StateStore.open(workspace)
+    infer = InferenceClient(server.config.url("inference"), server.keys().inference)
+    forget_id, samples = _forget(workspace, "owner-a-0")
+    with _Predictions(infer, _image(workspace)) as load:
+        forgot = run_dispatched(workspace, forget_id, drift=DriftPolicy(max_forgets=1))
+        approximate = store.versions.get("m", forgot.to_version)
+        scheduled = forgot.result["forgetting"]["retrain"]["scheduled"]
+        assert forgot.state == "succeeded" and scheduled["queued"], forgot.result["forgetting"]
+        assert "queued now" in format_report(forgot.result)
+        done = run_dispatched(workspace, scheduled["job_id"], timeout=300)
+        final = infer.predict("m", _image(workspace)).model_version
+    assert done.state == "succeeded", done.reason
+    assert done.kind == "retrain" and done.result["rounds"] == 1
+    exact = store.versions.require_serving("m")
+    assert (approximate.kind, exact.kind) == ("approximate", "exact")
+    assert exact.parent == approximate.version and exact.forget_request == done.id
+    assert store.versions.members("m", exact.version) == store.versions.members("m", approximate.version)
+    assert not set(samples) & store.versions.members("m", exact.version)
+    assert exact.metrics["drift"]["cost"] == 0.0 and exact.metrics["drift"]["exact_base"] == exact.version
+    assert_serving(workspace, server, exact.version)
+    assert load.failures == [] and final == str(exact.version)
+    assert str(approximate.version) in load.versions
+    kinds = [kind for kind in audit_kinds(workspace) if kind not in ("wipe", "purge")]
+    assert kinds == ["forget", "swap", "retrain", "swap"]
+    record = next(r for r in store.audit.records() if r.kind == "retrain")
+    assert record.versions == {"from": approximate.version, "to": exact.version} and record.details["method"] == "retrain"
+    _, meta = load_checkpoint(exact.checkpoint, "cpu")
+    assert meta.recipe["retrain"]["job"] == done.id and recipe_config(meta).epochs == 8  # it can be retrained again
+    report = json.loads((workspace.version_dir("m", exact.version) / "report.json").read_text())
+    assert report["forgetting"]["kind"] == "exact" and "exact retrain" in format_report(report)
+
+
+def test_samples_forgotten_while_it_trains_are_left_out_of_the_exact_version(served, monkeypatch) -> None:
+    workspace, server = served
+    store = StateStore.open(workspace)
+    job, created = store.jobs.submit_retrain("m", {"reason": "test"})
+    assert created and store.jobs.claim_next("m", "retrain").id == job.id
+    real_train, forgotten = retrain._train, []
+
+    def train_then_forget(run):  # a forget request lands while the first round trains
+        trained = real_train(run)
+        if not forgotten:
+            forget_id, samples = _forget(workspace, "owner-b-0")
+            assert store.jobs.claim_next("m").id == forget_id
+            subprocess.run([sys.executable, "-m", "tmu_core.forget.worker", "--job", forget_id, "--home",
+                            str(workspace.home), "--model-store", str(workspace.model_store), "--device", "cpu"],
+                           check=True, timeout=300, capture_output=True)
+            assert store.jobs.get(forget_id).state == "succeeded"
+            forgotten.extend(samples)
+        return trained
+
+    monkeypatch.setattr(retrain, "_train", train_then_forget)
+    done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
+    assert done.state == "succeeded", done.reason
+    assert done.result["rounds"] == 2
+    exact = store.versions.require_serving("m")
+    after_forget = store.versions.get("m", exact.parent)
+    assert exact.kind == "exact" and after_forget.kind == "approximate"
+    assert after_forget.forget_request != done.id  # the forget's own version came between
+    members = store.versions.members("m", exact.version)
+    assert forgotten and not set(forgotten) & members
+    assert members == store.versions.members("m", after_forget.version)
+    assert_serving(workspace, server, exact.version)
+    kinds = [kind for kind in audit_kinds(workspace) if kind not in ("wipe", "purge")]
+    assert kinds[-4:] == ["forget", "swap", "retrain", "swap"]
+
+
+def _changes(store) -> int:
+    """Audit records of changes to what serves (wipes of earlier tests' samples may land meanwhile)."""
+    return sum(r.kind not in ("wipe", "purge") for r in store.audit.records())
+
+
+@pytest.mark.parametrize("step", ["train", "register"])
+def test_a_retrain_killed_before_its_commit_leaves_what_serves(served, step: str) -> None:
+    workspace, server = served
+    store = StateStore.open(workspace)
+    serving = store.versions.require_serving("m")
+    before = (_changes(store), [(v.version, v.state) for v in store.versions.versions("m")])
+    job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
+    done = run_dispatched(workspace, job.id, kill_at=step, max_attempts=1)
+    assert done.state == "failed"
+    assert f"exited with code 9 during step '{step}'" in done.reason and "no change was committed" in done.reason
+    assert_serving(workspace, server, serving.version)
+    assert (_changes(store), [(v.version, v.state) for v in store.versions.versions("m")]) == before
+    assert audit_kinds(workspace) is not None  # the chain verifies
+    if done.to_version is not None:
+        assert not workspace.version_dir("m", done.to_version).exists()
+        assert not workspace.archive_path("m", done.to_version).exists()
+
+
+def test_a_retrain_forgets_again_what_a_rollback_made_owed(served) -> None:
+    from tmu_core.service.rollback import rollback
+
+    workspace, server = served
+    store = StateStore.open(workspace)
+    forget_id, samples = _forget(workspace, "owner-c-0")
+    forgot = run_dispatched(workspace, forget_id, retention_s=3600)  # keep the version rolled back to
+    assert forgot.state == "succeeded", forgot.reason
+    rollback(workspace, "m", forgot.from_version, undo_forgets=True)
+    assert set(samples) <= store.versions.owed("m")
+    job, _ = store.jobs.submit_retrain("m", {"reason": "owed samples"})
+    done = run_dispatched(workspace, job.id, timeout=300)
+    assert done.state == "succeeded", done.reason
+    exact = store.versions.require_serving("m")
+    assert exact.kind == "exact" and not set(samples) & store.versions.members("m", exact.version)
+    assert store.versions.owed("m") == set() and set(samples) <= store.versions.forgotten("m")
+    assert_serving(workspace, server, exact.version)
+
+
+def test_a_forget_still_queued_when_a_round_starts_is_covered_by_the_exact_version(served) -> None:
+    workspace, server = served
+    store = StateStore.open(workspace)
+    forget_id, samples = _forget(workspace, "owner-a-1")  # queued, not claimed: as a held job waits
+    job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
+    assert store.jobs.claim_next("m", "retrain").id == job.id
+    done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
+    assert done.state == "succeeded" and done.result["rounds"] == 1, done.reason
+    exact = store.versions.require_serving("m")
+    assert not set(samples) & store.versions.members("m", exact.version)
+    after = run_dispatched(workspace, forget_id)
+    assert after.state == "succeeded" and after.result.get("nothing_to_do"), after.result
+    assert set(samples) <= store.versions.forgotten("m")
+    assert_serving(workspace, server, exact.version)

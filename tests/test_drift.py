@@ -1,0 +1,175 @@
+"""The drift budget (when an exact retrain is due), retrain jobs in the queue, and version kinds."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from test_service_support import make_workspace, record_fake_version
+from tmu_core.cli.common import drift_policy
+from tmu_core.errors import InvalidInputError
+from tmu_core.forget.drift import (DriftPolicy, add_policy_flags, drift_after, exact_drift, policy_flags,
+                                   policy_from, schedule_if_due)
+from tmu_core.forget.report import forgetting_line
+from tmu_core.state.jobs import JobStore
+from tmu_core.state.store import StateStore
+from tmu_core.state.versions import VersionRecord, VersionRegistry
+
+
+def _version(version: int, kind: str, drift: dict | None = None) -> VersionRecord:
+    return VersionRecord(model="m", version=version, parent=None, forget_request=None, archive=Path("a"),
+                         archive_sha256="", checkpoint=Path("c"), checkpoint_sha256="", onnx=None, onnx_sha256=None,
+                         metrics={"drift": drift} if drift else {}, created_at="2026-01-01T00:00:00+00:00",
+                         kind=kind)
+
+
+def test_the_cost_is_counted_from_the_last_exact_version() -> None:
+    first = drift_after(_version(1, "exact"), acc_test_before=64.0, acc_test_after=63.0, samples=20)
+    assert first == {"exact_base": 1, "base_acc_test": 64.0, "acc_test": 63.0, "cost": 1.0, "forgets": 1,
+                     "samples": 20, "exact_since": "2026-01-01T00:00:00+00:00"}
+    # the next job measures its source at 63.0, but the cost stays against the exact version's 64.0
+    second = drift_after(_version(2, "approximate", first), acc_test_before=63.0, acc_test_after=61.5, samples=5)
+    assert (second["exact_base"], second["cost"], second["forgets"], second["samples"]) == (1, 2.5, 2, 25)
+    restart = drift_after(_version(3, "exact", exact_drift(3, 64.2, "2026-02-01T00:00:00+00:00")), 64.2, 64.0, 3)
+    assert (restart["exact_base"], restart["cost"], restart["forgets"]) == (3, pytest.approx(0.2), 1)
+
+
+def test_each_limit_makes_a_retrain_due() -> None:
+    drift = {"exact_base": 1, "cost": 1.5, "forgets": 3, "exact_since": "2026-01-01T00:00:00+00:00"}
+    assert DriftPolicy().due(drift) is None and not DriftPolicy().enabled
+    assert "1.50 points below exact v1" in DriftPolicy(budget=1.0).due(drift)
+    assert DriftPolicy(budget=2.0).due(drift) is None
+    assert "3 forget jobs" in DriftPolicy(max_forgets=3).due(drift)
+    assert DriftPolicy(max_forgets=4).due(drift) is None
+    day = 86400.0
+    later = datetime(2026, 1, 9, tzinfo=timezone.utc)
+    assert "8.0 days old" in DriftPolicy(max_age_s=7 * day).due(drift, now=later)
+    assert DriftPolicy(max_age_s=9 * day).due(drift, now=later) is None
+    assert DriftPolicy(budget=0.0).due({**drift, "forgets": 0}) is None  # an exact version has nothing to redo
+    outlook = DriftPolicy(budget=2.0, max_forgets=5, max_age_s=day).outlook(drift)
+    assert outlook["cost_left"] == 0.5 and outlook["forgets_left"] == 2
+    assert outlook["due_at"] == "2026-01-02T00:00:00+00:00"
+
+
+def test_forget_jobs_are_held_only_past_the_hold_level() -> None:
+    drift = {"exact_base": 1, "cost": 2.5, "forgets": 3}
+    assert DriftPolicy(hold_at=2.0).holds(drift) and not DriftPolicy(hold_at=3.0).holds(drift)
+    assert not DriftPolicy().holds(drift) and not DriftPolicy(hold_at=0.0).holds({**drift, "forgets": 0})
+
+
+@pytest.mark.parametrize("bad", [{"budget": -1}, {"max_forgets": 0}, {"max_age_s": 0}, {"max_rounds": 0},
+                                 {"hold_at": -1}])
+def test_a_policy_out_of_range_is_refused(bad: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        DriftPolicy(**bad)
+
+
+def test_the_cli_options_and_the_process_flags_carry_the_policy() -> None:
+    assert not drift_policy("off", None, None).enabled
+    policy = drift_policy("1.5", 10, "7d", "3")
+    assert policy == DriftPolicy(budget=1.5, max_forgets=10, max_age_s=7 * 86400.0, hold_at=3.0)
+    with pytest.raises(InvalidInputError, match="--drift-budget takes ACC_Dtest points .* or 'off'"):
+        drift_policy("lots", None, None)
+    with pytest.raises(InvalidInputError, match="--drift-hold takes"):
+        drift_policy("1", None, None, "soon")
+    parser = argparse.ArgumentParser()
+    add_policy_flags(parser)
+    assert policy_from(parser.parse_args(policy_flags(policy))) == policy
+    assert policy_flags(DriftPolicy()) == []
+
+
+def test_a_model_has_one_queued_or_running_retrain_beside_its_forget_jobs(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path / "state.sqlite")
+    forget = jobs.submit("m", ["a"])
+    retrain, created = jobs.submit_retrain("m", {"reason": "r"})
+    again, created_again = jobs.submit_retrain("m", {"reason": "other"})
+    assert created and not created_again and again.id == retrain.id and retrain.kind == "retrain"
+    assert jobs.submit("m", ["b"], options={}).merged_into == forget.id  # forget jobs merge among themselves
+    assert jobs.claim_next("m").id == forget.id
+    assert jobs.claim_next("m", "retrain").id == retrain.id  # beside the running forget job
+    assert jobs.claim_next("m", "retrain") is None
+    jobs.finish(retrain.id, "succeeded")
+    assert jobs.submit_retrain("m", {"reason": "later"})[1]
+    assert [j.kind for j in jobs.retrains("m")] == ["retrain", "retrain"]
+
+
+def test_a_due_lineage_queues_its_retrain_once_and_not_again_after_it_failed(tmp_path: Path) -> None:
+    store = StateStore.open(make_workspace(tmp_path))
+    drift = {"exact_base": 1, "cost": 3.0, "forgets": 2, "exact_since": "2026-01-01T00:00:00+00:00"}
+    policy = DriftPolicy(budget=1.0)
+    assert schedule_if_due(store, "m", {**drift, "cost": 0.5}, policy) is None
+    first = schedule_if_due(store, "m", drift, policy)
+    assert first["queued"] and schedule_if_due(store, "m", drift, policy)["job_id"] == first["job_id"]
+    store.jobs.finish(first["job_id"], "failed", reason="no recipe")
+    skipped = schedule_if_due(store, "m", drift, policy)
+    assert not skipped["queued"] and "no recipe" in skipped["note"]
+    assert schedule_if_due(store, "m", {**drift, "exact_base": 4}, policy)["queued"]  # a new lineage
+
+
+def test_versions_say_exact_or_approximate_also_in_an_older_database(tmp_path: Path) -> None:
+    workspace = make_workspace(tmp_path)
+    record_fake_version(workspace)
+    registry = VersionRegistry(workspace.state_db)
+    assert registry.get("m", 1).kind == "exact" and registry.get("m", 1).to_json()["kind"] == "exact"
+    folder = workspace.version_dir("m", 1)
+    made = registry.record_version("m", 2, workspace.archive_path("m", 1), folder / "checkpoint.pt", None, 1,
+                                   "fj-1", {})
+    assert made.kind == "approximate"
+    with pytest.raises(InvalidInputError, match="kind must be one of exact, approximate"):
+        registry.record_version("m", 3, workspace.archive_path("m", 1), folder / "checkpoint.pt", None, 1, "j", {},
+                                kind="partly")
+    old = tmp_path / "old.sqlite"  # the table as it was before versions had a kind
+    with sqlite3.connect(old) as conn:
+        conn.execute("CREATE TABLE versions (model TEXT NOT NULL, version INTEGER NOT NULL, parent INTEGER, "
+                     "forget_request TEXT, archive TEXT NOT NULL, archive_sha256 TEXT NOT NULL, checkpoint TEXT NOT "
+                     "NULL, checkpoint_sha256 TEXT NOT NULL, onnx TEXT, onnx_sha256 TEXT, metrics TEXT NOT NULL, "
+                     "created_at TEXT NOT NULL, state TEXT NOT NULL, state_changed_at TEXT NOT NULL, "
+                     "PRIMARY KEY (model, version))")
+        for version, request in ((1, None), (2, "fj-1")):
+            conn.execute("INSERT INTO versions VALUES (?,?,?,?,'a','','c','',NULL,NULL,'{}','t','serving','t')",
+                         ("m", version, None, request))
+    migrated = VersionRegistry(old)
+    assert [v.kind for v in migrated.versions("m")] == ["exact", "approximate"]
+
+
+def test_a_report_says_what_kind_of_forgetting_was_done() -> None:
+    drift = {"exact_base": 1, "cost": 0.4, "forgets": 2}
+    off = {"kind": "approximate", "method": "tmu", "exact_base": 1, "drift": drift,
+           "retrain": DriftPolicy().outlook(drift)}
+    assert forgetting_line(off) == ("forgetting: approximate (tmu), 2 forget job(s) and +0.40 ACC_Dtest points "
+                                    "since exact v1; no exact retrain is scheduled (drift budget off)")
+    budget = {**off, "retrain": DriftPolicy(budget=1.0, max_forgets=5).outlook(drift)}
+    assert forgetting_line(budget).endswith("next exact retrain: 0.60 points of budget left, 3 forget job(s) left")
+    queued = {**off, "retrain": {"scheduled": {"job_id": "rj-1", "reason": "r", "queued": True}}}
+    assert forgetting_line(queued).endswith("exact retrain rj-1 queued now: r")
+    exact = {"kind": "exact", "replaces": 4, "replaces_kind": "approximate"}
+    assert forgetting_line(exact) == "forgetting: exact (retrained; replaces approximate v4)"
+
+
+def test_the_age_limit_is_checked_against_the_time_the_exact_version_was_made() -> None:
+    made = datetime.now(timezone.utc) - timedelta(hours=2)
+    drift = {**exact_drift(1, 60.0, made.isoformat()), "forgets": 1, "cost": 0.0}
+    assert DriftPolicy(max_age_s=3600).due(drift) is not None
+    assert DriftPolicy(max_age_s=3 * 3600).due(drift) is None
+
+
+def test_the_dispatcher_holds_forget_jobs_past_the_hold_level_while_a_retrain_waits(tmp_path: Path) -> None:
+    from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
+
+    workspace = make_workspace(tmp_path)
+    v1 = record_fake_version(workspace)
+    registry = VersionRegistry(workspace.state_db)
+    drift = {"exact_base": 1, "base_acc_test": 60.0, "acc_test": 57.0, "cost": 3.0, "forgets": 2, "samples": 9,
+             "exact_since": v1.created_at}
+    registry.record_version("m", 2, v1.archive, v1.checkpoint, None, 1, "fj-x", {"drift": drift})
+    jobs = JobStore(workspace.state_db)
+    held = Dispatcher(workspace, WorkerSettings(drift=DriftPolicy(budget=1.0, hold_at=2.5)))
+    lower = Dispatcher(workspace, WorkerSettings(drift=DriftPolicy(budget=1.0, hold_at=3.5)))
+    assert not held._held("m")  # no retrain queued: nothing to wait for
+    jobs.submit_retrain("m", {"reason": "r"})
+    assert held._held("m") and not lower._held("m")
+    assert not Dispatcher(workspace, WorkerSettings(drift=DriftPolicy(budget=1.0)))._held("m")

@@ -1,0 +1,170 @@
+"""The drift budget: how much an approximate lineage may cost before an exact retrain replaces it.
+
+Every forget job records on its new version what the lineage has cost since its last exact version (the
+original model, or the latest retrain): ``drift = {"exact_base", "base_acc_test", "acc_test", "cost",
+"forgets", "samples", "exact_since"}``, where ``cost`` is the exact version's ACC on D_test minus this version's
+(percentage points, on the jobs' eval split). A :class:`DriftPolicy` says when that is too much: the cost passes
+``budget``, or ``max_forgets`` forget jobs or ``max_age_s`` seconds have passed since the exact version. Then a
+low-priority ``retrain`` job is queued (:mod:`tmu_core.forget.retrain`); a forget job's commit queues it in its
+own transaction, and the dispatcher checks the age limit on a schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from tmu_core.errors import InvalidInputError
+from tmu_core.state.versions import VersionRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriftPolicy:
+    """When a model's approximate versions are replaced by an exact retrain (None: that limit is off).
+
+    Attributes:
+        budget: ACC_Dtest points the lineage may lose against its last exact version.
+        max_forgets: forget jobs since the last exact version.
+        max_age_s: seconds since the last exact version was made, once it has forgotten something.
+        max_rounds: retrain rounds of one retrain job: samples forgotten while it trained make it train again
+            without them; its last round trains holding the model's lock, so that nothing can be forgotten
+            meanwhile (forget requests wait for it).
+        hold_at: ACC_Dtest points of cost at which forget jobs stop being unlearned on top of the drifting lineage
+            while its retrain runs: they wait in the queue, the retrain leaves their samples out, and they finish
+            on the exact version (None: never hold; forget jobs go on beside the retrain).
+    """
+
+    budget: float | None = None
+    max_forgets: int | None = None
+    max_age_s: float | None = None
+    max_rounds: int = 2
+    hold_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget < 0:
+            raise InvalidInputError(f"the drift budget is ACC_Dtest points >= 0, got {self.budget}")
+        if self.max_forgets is not None and self.max_forgets < 1:
+            raise InvalidInputError(f"retrain after N forgets needs N >= 1, got {self.max_forgets}")
+        if self.max_age_s is not None and self.max_age_s <= 0:
+            raise InvalidInputError(f"retrain after a duration needs a duration > 0, got {self.max_age_s}s")
+        if self.hold_at is not None and self.hold_at < 0:
+            raise InvalidInputError(f"the hold level is ACC_Dtest points >= 0, got {self.hold_at}")
+        if self.max_rounds < 1:
+            raise InvalidInputError(f"a retrain needs at least 1 round, got {self.max_rounds}")
+
+    def holds(self, drift: dict[str, Any] | None) -> bool:
+        """True when forget jobs on a lineage with this ``drift`` wait for its running retrain."""
+        return self.hold_at is not None and bool(drift) and bool(drift.get("forgets")) and drift["cost"] >= self.hold_at
+
+    @property
+    def enabled(self) -> bool:
+        """True when any limit is set."""
+        return any(v is not None for v in (self.budget, self.max_forgets, self.max_age_s))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def due(self, drift: dict[str, Any] | None, now: datetime | None = None) -> str | None:
+        """Why the lineage described by ``drift`` must be retrained now, or None."""
+        if not drift or not drift.get("forgets"):
+            return None
+        if self.budget is not None and drift["cost"] > self.budget:
+            return f"ACC_Dtest fell {drift['cost']:.2f} points below exact v{drift['exact_base']} (budget {self.budget})"
+        if self.max_forgets is not None and drift["forgets"] >= self.max_forgets:
+            return f"{drift['forgets']} forget jobs since exact v{drift['exact_base']} (limit {self.max_forgets})"
+        if self.max_age_s is not None:
+            age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(drift["exact_since"])).total_seconds()
+            if age >= self.max_age_s:
+                return f"exact v{drift['exact_base']} is {age / 86400:.1f} days old (limit {self.max_age_s / 86400:g})"
+        return None
+
+    def outlook(self, drift: dict[str, Any] | None) -> dict[str, Any]:
+        """For a report: the policy, how far the lineage is from each limit, and whether a retrain is due."""
+        if drift is None:
+            return {"policy": self.to_json(), "due": None}
+        left: dict[str, Any] = {}
+        if self.budget is not None:
+            left["cost_left"] = round(self.budget - drift["cost"], 3)
+        if self.max_forgets is not None:
+            left["forgets_left"] = self.max_forgets - drift["forgets"]
+        if self.max_age_s is not None:
+            since = datetime.fromisoformat(drift["exact_since"]).timestamp()
+            left["due_at"] = datetime.fromtimestamp(since + self.max_age_s, timezone.utc).isoformat(timespec="seconds")
+        return {"policy": self.to_json(), "due": self.due(drift), **left}
+
+
+def drift_after(source: VersionRecord, acc_test_before: float, acc_test_after: float, samples: int) -> dict[str, Any]:
+    """The ``drift`` record of a version a forget job derives from ``source``.
+
+    Args:
+        source: the version the job unlearned from.
+        acc_test_before / acc_test_after: ACC on D_test of ``source`` and of the new version (the job's evaluate).
+        samples: how many samples the job forgot.
+    """
+    previous = source.metrics.get("drift")
+    if source.kind == "exact" or not previous:
+        previous = {"exact_base": source.version, "base_acc_test": acc_test_before, "forgets": 0, "samples": 0,
+                    "exact_since": source.created_at or datetime.now(timezone.utc).isoformat()}
+    return {"exact_base": previous["exact_base"], "base_acc_test": previous["base_acc_test"],
+            "acc_test": acc_test_after, "cost": round(previous["base_acc_test"] - acc_test_after, 3),
+            "forgets": previous["forgets"] + 1, "samples": previous["samples"] + samples,
+            "exact_since": previous["exact_since"]}
+
+
+def exact_drift(version: int, acc_test: float, created_at: str) -> dict[str, Any]:
+    """The ``drift`` record of an exact version: the start of a new lineage."""
+    return {"exact_base": version, "base_acc_test": acc_test, "acc_test": acc_test, "cost": 0.0, "forgets": 0,
+            "samples": 0, "exact_since": created_at}
+
+
+def schedule_if_due(store: Any, model: str, drift: dict[str, Any] | None, policy: DriftPolicy,
+                    conn: sqlite3.Connection | None = None) -> dict[str, Any] | None:
+    """Queue a retrain of ``model`` when ``policy`` says its lineage is due (and none is queued or running).
+
+    A lineage whose retrain already failed is not retried automatically (``tmu-admin retrain`` starts one).
+
+    Returns:
+        ``{"job_id", "reason", "queued"}`` when a retrain is due, else None.
+    """
+    reason = policy.due(drift) if policy.enabled else None
+    if reason is None:
+        return None
+    failed = [j for j in store.jobs.retrains(model, conn=conn)
+              if j.state == "failed" and j.options.get("exact_base") == drift["exact_base"]]
+    if failed:
+        return {"job_id": failed[0].id, "reason": reason, "queued": False,
+                "note": f"the retrain of this lineage failed ({failed[0].reason}); start one with tmu-admin retrain"}
+    job, created = store.jobs.submit_retrain(
+        model, {"reason": reason, "exact_base": drift["exact_base"], "requested_by": "drift budget"}, conn=conn)
+    if created:
+        logger.info("model=%s: retrain %s queued: %s", model, job.id, reason)
+    return {"job_id": job.id, "reason": reason, "queued": True}
+
+
+_FLAGS = (("--drift-budget", "budget", float, "ACC_Dtest points a lineage may lose before an exact retrain is queued"),
+          ("--retrain-after-forgets", "max_forgets", int, "queue an exact retrain after this many forget jobs"),
+          ("--retrain-after-s", "max_age_s", float, "queue an exact retrain once the last exact version is this "
+                                                    "many seconds old"),
+          ("--drift-hold", "hold_at", float, "ACC_Dtest points of cost at which forget jobs wait for the retrain"))
+
+
+def add_policy_flags(parser: Any) -> None:
+    """The policy's flags on an ``argparse`` parser (the extension and worker processes take them)."""
+    for flag, _, kind, text in _FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+
+
+def policy_from(args: Any) -> DriftPolicy:
+    """The policy parsed by :func:`add_policy_flags`."""
+    return DriftPolicy(**{name: getattr(args, flag[2:].replace("-", "_")) for flag, name, _, _ in _FLAGS})
+
+
+def policy_flags(policy: DriftPolicy) -> list[str]:
+    """The command-line flags that give ``policy`` to another process."""
+    values = asdict(policy)
+    return [part for flag, name, _, _ in _FLAGS if values[name] is not None for part in (flag, str(values[name]))]
