@@ -141,7 +141,8 @@ def _changes(store) -> int:
     return sum(r.kind not in ("wipe", "purge") for r in store.audit.records())
 
 
-@pytest.mark.parametrize("step", ["train", "register"])
+# "register" is the step whose undo touches TorchServe; "train" (nothing made yet) runs with the long suite.
+@pytest.mark.parametrize("step", [pytest.param("train", marks=pytest.mark.integration_slow), "register"])
 def test_a_retrain_killed_before_its_commit_leaves_what_serves(served, step: str) -> None:
     workspace, server = served
     store = StateStore.open(workspace)
@@ -159,6 +160,7 @@ def test_a_retrain_killed_before_its_commit_leaves_what_serves(served, step: str
         assert not workspace.archive_path("m", done.to_version).exists()
 
 
+@pytest.mark.integration_slow
 def test_a_retrain_forgets_again_what_a_rollback_made_owed(served) -> None:
     from tmu_core.service.rollback import rollback
 
@@ -178,6 +180,7 @@ def test_a_retrain_forgets_again_what_a_rollback_made_owed(served) -> None:
     assert_serving(workspace, server, exact.version)
 
 
+@pytest.mark.integration_slow
 def test_a_forget_still_queued_when_a_round_starts_is_covered_by_the_exact_version(served) -> None:
     workspace, server = served
     store = StateStore.open(workspace)
