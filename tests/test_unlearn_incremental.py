@@ -286,6 +286,18 @@ def test_prepare_next_updates_the_jobs_state_and_a_job_on_the_new_version_loads_
     assert later.builds == 0 and later.last_prepare == "disk"
     assert later.prepared.info["parent"] == "m:v1" and later.prepared.info["chain"] == 1
 
+    again = jobs.submit("m", ["train/c/0001"], options={"method": "tmu", **FAST_TMU})
+    jobs.set_fields(again.id, from_version=1, to_version=2)
+    prepare_next(ws, jobs.get(again.id), PipelineConfig(device="cpu"), parent=job_method)
+    assert jobs.get(again.id).followup["preparation"] == "reused"  # v2's state is already there
+
+    shutil.rmtree(artifacts_dir(ws, "m", 2))
+    limited = jobs.submit("m", ["train/c/0002"], options={"method": "tmu", "incremental_max": 0, **FAST_TMU})
+    jobs.set_fields(limited.id, from_version=1, to_version=2)
+    prepare_next(ws, jobs.get(limited.id), PipelineConfig(device="cpu"), parent=job_method)
+    followup = jobs.get(limited.id).followup
+    assert followup["preparation"] == "full" and "incremental_max is 0" in followup["full_reason"]
+
     other = jobs.submit("m", ["train/c/0000"], options={"method": "retrain", "epochs": 1})
     jobs.set_fields(other.id, from_version=1, to_version=2)
     prepare_next(ws, jobs.get(other.id), PipelineConfig(device="cpu"), parent=get_method("retrain", epochs=1))

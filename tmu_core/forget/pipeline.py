@@ -365,8 +365,11 @@ def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig, parent:
         return
     went = getattr(method, "last_prepare", None)
     preparation = {"incremental": "incremental", "memory": "reused", "disk": "reused"}.get(went, "full")
-    store.jobs.set_fields(job.id, followup={"artifacts": "ready", "version": target, "seconds": round(seconds, 3),
-                                            "preparation": preparation})
+    followup = {"artifacts": "ready", "version": target, "seconds": round(seconds, 3), "preparation": preparation}
+    why_full = getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")
+    if went == "built" and why_full:  # a full build although a parent state was offered
+        followup["full_reason"] = why_full
+    store.jobs.set_fields(job.id, followup=followup)
 
 
 def _device(config: PipelineConfig) -> Any:
