@@ -73,10 +73,13 @@ def artifacts_lock(folder: Path, blocking: bool = True) -> Iterator[None]:
 
 
 def prepare(method: Any, model: torch.nn.Module, meta: Any, index: Any, plan: DataPlan, device: torch.device,
-            folder: Path) -> float:
+            folder: Path, parent: Any = None, origin: str | None = None) -> float:
     """Run ``method.prepare`` for a version with nothing to forget yet, under the folder's lock.
 
-    The method reuses what is already on disk when it matches (same weights, ids and options).
+    The method reuses what is already on disk when it matches (same weights, ids and options): a second process
+    that asks for a version another one is preparing waits on the lock, then reads the files it wrote.
+    With ``parent`` (the in-memory prepared state of the version ``model`` was unlearned from) a method that
+    has ``prepare_from`` updates that state instead of building from scratch; ``origin`` names that version.
 
     Returns:
         Seconds spent (including the wait for the lock).
@@ -86,7 +89,10 @@ def prepare(method: Any, model: torch.nn.Module, meta: Any, index: Any, plan: Da
     started = time.perf_counter()
     data = UnlearnData(index, (), plan.train_ids, plan.twin_ids)
     with artifacts_lock(folder):
-        method.prepare(model, meta, data, device, folder)
+        if parent is not None and hasattr(method, "prepare_from"):
+            method.prepare_from(parent, model, meta, data, device, folder, origin)
+        else:
+            method.prepare(model, meta, data, device, folder)
     seconds = time.perf_counter() - started
     logger.info("prepared %s artifacts in %s (%.1fs)", getattr(method, "name", "?"), folder, seconds)
     return seconds

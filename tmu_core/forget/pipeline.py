@@ -159,6 +159,7 @@ def _load(run: _Run) -> Loaded | None:
     plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
     options = dict(run.job.options)
     method = get_method(options.pop("method", "tmu"), **options)
+    run.method = method  # its prepared state (this version's) seeds the next version's, see prepare_next
     model, meta = load_checkpoint(source.checkpoint, run.device)
     index = index.view(Preprocess.from_meta(meta))  # every image read as this version's handler reads it
     folder = artifacts_dir(run.workspace, run.job.model, source.version)
@@ -305,7 +306,7 @@ def run_job(workspace: Workspace, job_id: str, config: PipelineConfig) -> Job:
         if committed:
             job = _forward(workspace, job_id, config)
     if job.state == "succeeded" and config.prepare_next and committed:
-        prepare_next(workspace, job, config)
+        prepare_next(workspace, job, config, parent=getattr(run, "method", None))
     return store.jobs.get(job_id)
 
 
@@ -340,8 +341,14 @@ def _attempt(run: _Run, to_commit: Callable[[], bool] | None = None) -> bool | N
         return None
 
 
-def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig) -> None:
-    """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``."""
+def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig, parent: Any = None) -> None:
+    """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``.
+
+    ``parent`` is the job's method: when it holds the source version's prepared state in memory (TMU), the new
+    version's is an incremental update of it (that version's artifacts folder is deleted by then). ``followup``
+    says how it went (``preparation``: ``incremental``, ``full``, or ``reused`` when a state was already there)
+    and its seconds.
+    """
     from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
     from tmu_core.index import TrainingIndex
     from tmu_core.preprocess import Preprocess
@@ -360,12 +367,19 @@ def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig) -> None
         with TrainingIndex.open(workspace.index_dir) as index:
             plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, target))
             seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan, device,
-                              artifacts_dir(workspace, job.model, target))
+                              artifacts_dir(workspace, job.model, target), parent=getattr(parent, "prepared", None),
+                              origin=f"{job.model}:v{job.from_version}")
     except Exception as err:  # the job already succeeded; the next job prepares on demand
         logger.exception("job=%s: preparing v%s artifacts failed", job.id, target)
         store.jobs.set_fields(job.id, followup={"artifacts": "failed", "version": target, "reason": str(err)})
         return
-    store.jobs.set_fields(job.id, followup={"artifacts": "ready", "version": target, "seconds": round(seconds, 3)})
+    went = getattr(method, "last_prepare", None)
+    preparation = {"incremental": "incremental", "memory": "reused", "disk": "reused"}.get(went, "full")
+    followup = {"artifacts": "ready", "version": target, "seconds": round(seconds, 3), "preparation": preparation}
+    why_full = getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")
+    if went == "built" and why_full:  # a full build although a parent state was offered
+        followup["full_reason"] = why_full
+    store.jobs.set_fields(job.id, followup=followup)
 
 
 def _device(config: PipelineConfig) -> Any:

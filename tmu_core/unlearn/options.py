@@ -69,6 +69,10 @@ class TmuOptions:
         cf_lr: its learning rate.
         cf_subset: fraction of the training set it sees besides D_test (and D_f) (paper: 0.3).
         cf_batch: its batch size.
+        incremental_max: how many versions in a row may get their prepared state by an incremental update of
+            their parent's (:func:`tmu_core.unlearn.twin.update_prepared`) before a full build; 0 builds every
+            version's state from scratch. Not in ``PREPARE_FIELDS``: it decides how the next version's state is
+            made, not what this version's state holds for a request, so a job with another value still reuses it.
         cf_per_request: retrain the curriculum model for each request on D_f + D_test + cf_subset of D_r and
             refit the classifier (the paper's setting); False uses the prepared one (cheaper).
         features: which of ``"df"``, ``"af"``, ``"cf"`` (the paper's) and ``"prior"`` (the class's easy share
@@ -104,6 +108,7 @@ class TmuOptions:
     cf_subset: float = 0.3
     cf_batch: int = 64
     cf_per_request: bool = False
+    incremental_max: int = 20
     features: tuple[str, ...] = FEATURE_KINDS
     df_top_n: int = 5
     df_same_class: bool = True
@@ -153,6 +158,7 @@ class TmuOptions:
         if self.twin_target_accuracy is not None:
             check_range(owner, "twin_target_accuracy", self.twin_target_accuracy, 0.0, 1.0)
         check_range(owner, "cf_subset", self.cf_subset, 0.0, 1.0)
+        check_range(owner, "incremental_max", self.incremental_max, 0)
         check_range(owner, "twin_retain_mix", self.twin_retain_mix, 0.0)
         if self.af_step is not None:
             check_range(owner, "af_step", self.af_step, 0.0, low_open=True)

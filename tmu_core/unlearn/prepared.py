@@ -10,6 +10,10 @@ Nothing here depends on which samples a later request forgets:
 Files under ``workdir``: ``twin_model.pt``, ``cf_model.pt``, ``train_features.pt``, ``twin_problem.pt``,
 ``classifier.pt`` and ``manifest.json``; the manifest's ``key`` (model hash + preparation options + ids)
 decides whether they can be reused. Every ``.pt`` file loads with ``weights_only=True``.
+
+A state made by an incremental update (:func:`tmu_core.unlearn.twin.update_prepared`) holds no twin model:
+its ``twin_state`` is empty and no ``twin_model.pt`` is written (the manifest's ``files`` lists what is there).
+Requests never read the twin model; only a full build makes one.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class PreparedTmu:
         twin_columns: raw features of the twin problem, ``{"df": (T, top_n), "af": (T,), "cf": (T,)}``.
         twin_easy: (T,) bool, M_o classifies the twin sample correctly.
         class_rates: (K,) share of easy twin samples per class (the "prior" feature of a forget sample).
-        twin_state: state_dict of M_t.
+        twin_state: state_dict of M_t; empty for a state made by an incremental update (no twin model kept).
         cf_state: state_dict of the curriculum model.
         cf_ids: samples the curriculum model was trained on.
         classifier: the fitted easy/hard MLP (on the CPU).
@@ -83,7 +87,6 @@ def save_prepared(prepared: PreparedTmu, workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     clf = prepared.classifier
     files = {
-        "twin_model.pt": {"state_dict": _cpu(prepared.twin_state)},
         "cf_model.pt": {"state_dict": _cpu(prepared.cf_state), "ids": list(prepared.cf_ids)},
         "train_features.pt": {"ids": list(prepared.train_ids), "features": prepared.train_features.cpu(),
                               "labels": prepared.train_labels.cpu()},
@@ -92,6 +95,11 @@ def save_prepared(prepared: PreparedTmu, workdir: Path) -> None:
                             "columns": {k: v.cpu() for k, v in prepared.twin_columns.items()}},
         "classifier.pt": {"state_dict": _cpu(clf.state_dict()), **clf.shape},
     }
+    if prepared.twin_state:
+        files["twin_model.pt"] = {"state_dict": _cpu(prepared.twin_state)}
+    stale = workdir / "twin_model.pt"
+    if not prepared.twin_state and stale.exists():
+        stale.unlink()  # a full build's twin model left in this folder is not this state's
     for name, payload in files.items():
         torch.save(payload, workdir / name)
     manifest = {"format": FORMAT, "key": prepared.key, "files": sorted(files), "info": prepared.info}
@@ -126,7 +134,8 @@ def load_prepared(workdir: Path) -> PreparedTmu:
     key = stored_key(workdir)
     if key is None:
         raise CheckpointError(f"no prepared TMU state in {workdir} (missing or unreadable {MANIFEST})")
-    info = json.loads((workdir / MANIFEST).read_text()).get("info", {})
+    manifest = json.loads((workdir / MANIFEST).read_text())
+    info = manifest.get("info", {})
     feats, twin = _load(workdir / "train_features.pt"), _load(workdir / "twin_problem.pt")
     cf, clf_file = _load(workdir / "cf_model.pt"), _load(workdir / "classifier.pt")
     clf = EasyHardMLP(clf_file["in_features"], tuple(clf_file["hidden"]), clf_file["outputs"], clf_file["members"])
@@ -136,6 +145,7 @@ def load_prepared(workdir: Path) -> PreparedTmu:
         key=key, train_ids=tuple(feats["ids"]), train_features=feats["features"], train_labels=feats["labels"],
         twin_ids=tuple(twin["ids"]), twin_columns=dict(twin["columns"]), twin_easy=twin["easy"],
         class_rates=twin["class_rates"],
-        twin_state=_load(workdir / "twin_model.pt")["state_dict"], cf_state=cf["state_dict"],
+        twin_state=_load(workdir / "twin_model.pt")["state_dict"] if "twin_model.pt" in manifest.get("files", ())
+        else {}, cf_state=cf["state_dict"],
         cf_ids=tuple(cf["ids"]), classifier=clf, info=info,
     )

@@ -1,6 +1,7 @@
 """Twin Machine Unlearning (TMU): the registered ``tmu`` method.
 
-``prepare()`` builds (or reloads) the per-model-version state of :mod:`tmu_core.unlearn.prepared`.
+``prepare()`` builds (or reloads) the per-model-version state of :mod:`tmu_core.unlearn.prepared`;
+``prepare_from()`` makes a new version's state from its parent version's by an incremental update.
 A forget request then only computes D_f's own features (DF against the prepared retained features with D_f's
 rows left out, AF under M_o, CF under the prepared curriculum model), predicts easy/hard with the prepared
 classifier and runs the bounded fine-tune of :mod:`tmu_core.unlearn.forget_tune`. With
@@ -43,9 +44,11 @@ from tmu_core.unlearn.prepared import (
 from tmu_core.unlearn.twin import (
     build_prepared,
     fit_twin_classifier,
+    incremental_refusal,
     prepare_key,
     problem_columns,
     train_cf_model,
+    update_prepared,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,30 +64,70 @@ class TmuMethod(UnlearnMethod):
         super().__init__(options)
         self._memory: PreparedTmu | None = None
         self.builds = 0  # how many times this instance built prepared state from scratch
+        self.updates = 0  # how many times it made prepared state by an incremental update
+        self.last_prepare: str | None = None  # "memory", "disk", "built" or "incremental": how the last one went
+
+    @property
+    def prepared(self) -> PreparedTmu | None:
+        """The prepared state this instance holds in memory (that of the last version it prepared or used)."""
+        return self._memory
 
     def prepare(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
                 workdir: Path | None = None) -> None:
         """Build TMU's per-model-version state, or reuse it from memory or ``workdir`` when it matches."""
         self._ensure_prepared(on_device(model, device), meta, data, device, workdir)
 
+    def prepare_from(self, parent: PreparedTmu | None, model: nn.Module, meta: Any, data: UnlearnData,
+                     device: torch.device, workdir: Path | None = None, origin: str | None = None) -> str:
+        """Prepare the state of ``model``, a version unlearned from the one ``parent`` was prepared for.
+
+        Reuses a matching state from memory or ``workdir`` as :meth:`prepare` does; otherwise updates ``parent``
+        incrementally (:func:`tmu_core.unlearn.twin.update_prepared`), or builds from scratch when
+        :func:`tmu_core.unlearn.twin.incremental_refusal` gives a reason (the reason goes to ``info``).
+
+        Args:
+            parent: the parent version's prepared state (e.g. ``prepared`` of the job's method), or None.
+            model, meta, data, device, workdir: as for :meth:`prepare`; ``data`` holds the new training ids.
+            origin: names the parent version in the new state's ``info``.
+
+        Returns:
+            How it went: ``"memory"``, ``"disk"``, ``"built"`` or ``"incremental"``.
+        """
+        self._ensure_prepared(on_device(model, device), meta, data, device, workdir, parent=(parent, origin))
+        return self.last_prepare or "built"
+
     def _ensure_prepared(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
-                         workdir: Path | None) -> tuple[PreparedTmu, str]:
+                         workdir: Path | None,
+                         parent: tuple[PreparedTmu | None, str | None] | None = None) -> tuple[PreparedTmu, str]:
         if not data.twin_ids:
             raise InvalidInputError("tmu needs twin_ids (held-out samples never trained on) for its twin problem")
         key = prepare_key(model, data, self.options)
         if self._memory is not None and self._memory.key == key:
-            return self._memory, "memory"
+            return self._memory, self._went("memory")
         if workdir is not None and stored_key(workdir) == key:
             try:
                 self._memory = load_prepared(workdir)
-                return self._memory, "disk"
+                return self._memory, self._went("disk")
             except CheckpointError as err:
                 logger.warning("rebuilding TMU prepared state: %s", err)
-        self._memory = build_prepared(model, meta, data, self.options, device, key)
-        self.builds += 1
+        refusal = None if parent is None else incremental_refusal(parent[0], data, self.options)
+        if parent is not None and refusal is None:
+            self._memory = update_prepared(parent[0], model, meta, data, self.options, device, key, parent[1])
+            self.updates += 1
+            source = "incremental"
+        else:
+            self._memory = build_prepared(model, meta, data, self.options, device, key)
+            if refusal is not None:
+                self._memory.info["full_reason"] = refusal
+            self.builds += 1
+            source = "built"
         if workdir is not None:
             save_prepared(self._memory, workdir)
-        return self._memory, "built"
+        return self._memory, self._went(source)
+
+    def _went(self, source: str) -> str:
+        self.last_prepare = source
+        return source
 
     def unlearn(self, model: nn.Module, meta: Any, data: UnlearnData, device: torch.device,
                 workdir: Path | None = None) -> UnlearnOutcome:

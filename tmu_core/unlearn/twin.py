@@ -147,6 +147,24 @@ def original_fit(model: nn.Module, train_feats: torch.Tensor, train_labels: torc
     return (logits.argmax(dim=1).cpu() == train_labels.cpu()).float().mean().item()
 
 
+def original_side(model: nn.Module, data: UnlearnData, device: torch.device) -> tuple[
+        tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a prepared state holds under the version's own model M_o.
+
+    Returns:
+        The training ids and labels (:func:`training_ids`), their (N, D) penultimate features (one pass, a
+        batch at a time, on the CPU), the twin samples' easy labels (M_o classifies them correctly), the
+        per-class easy rates and each twin sample's leave-one-out rate (:func:`class_prior`).
+    """
+    train_ids, train_labels = training_ids(data)
+    twin_images, twin_labels = data.tensors("twin")
+    train_feats = features_over(model, data.batches(train_ids), len(train_ids), device)
+    twin_easy = correct_of(model, twin_images, twin_labels, device).cpu()
+    num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
+    class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
+    return train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior
+
+
 def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuOptions, device: torch.device,
                    key: str) -> PreparedTmu:
     """Build TMU's per-model-version state (twin model, CF model, features, classifier).
@@ -161,13 +179,9 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    train_ids, train_labels = training_ids(data)
-    twin_images, twin_labels = data.tensors("twin")
     # (N, D) under M_o: the first of the two passes over D_r + D_f
-    train_feats = features_over(model, data.batches(train_ids), len(train_ids), device)
-    twin_easy = correct_of(model, twin_images, twin_labels, device).cpu()
-    num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
-    class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
+    train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior = original_side(model, data, device)
+    twin_images, twin_labels = data.tensors("twin")
     timings["original_features"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -196,8 +210,9 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     clf = fit_twin_classifier(columns, twin_easy, options, device)
     timings["classifier"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    info = {"timings": timings, "twin_fit": twin_fit, "twin_easy_rate": 100.0 * twin_easy.float().mean().item(),
-            "twin_size": len(data.twin_ids), "train_size": len(train_ids), "cf_size": len(cf_ids)}
+    info = {"kind": "full", "chain": 0, "options": options.prepare_key(), "timings": timings, "twin_fit": twin_fit,
+            "twin_easy_rate": 100.0 * twin_easy.float().mean().item(), "twin_size": len(data.twin_ids),
+            "train_size": len(train_ids), "cf_size": len(cf_ids)}
     logger.info("prepared TMU: twin fit %.1f%% in %d epochs, easy rate %.1f%%, %.1fs", twin_fit["fit_accuracy"],
                 twin_fit["epochs"], info["twin_easy_rate"], timings["total"])
     return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
@@ -212,3 +227,95 @@ def fit_twin_classifier(columns: dict[str, torch.Tensor], twin_easy: torch.Tenso
     """The easy/hard MLP fitted on the twin problem's features; returned on the CPU."""
     features = assemble(columns, options.features, options.log_losses).to(device)
     return fit_classifier(features, twin_easy.to(device), options.classifier_config()).cpu()
+
+
+def incremental_refusal(parent: PreparedTmu | None, data: UnlearnData, options: TmuOptions) -> str | None:
+    """Why ``parent`` cannot be updated into the state of ``data``'s version (None when it can).
+
+    It can when it was made with the same preparation options and twin ids, its training ids hold every id of
+    ``data`` (the new version forgot samples, it learnt none), and fewer than ``options.incremental_max``
+    incremental updates lead to it from its last full build.
+    """
+    if options.incremental_max == 0:
+        return "incremental_max is 0"
+    if parent is None:
+        return "no prepared state of the parent version in memory"
+    if parent.info.get("options") != options.prepare_key():
+        return "the parent state was prepared with other options"
+    if tuple(parent.twin_ids) != tuple(data.twin_ids):
+        return "the parent state has other twin ids"
+    if not set(data.training_ids) <= set(parent.train_ids):
+        return "the new version has training ids the parent state does not hold"
+    chain = int(parent.info.get("chain", 0))
+    if chain >= options.incremental_max:
+        return f"{chain} incremental updates since the last full build (incremental_max {options.incremental_max})"
+    return None
+
+
+def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: UnlearnData, options: TmuOptions,
+                    device: torch.device, key: str, origin: str | None = None) -> PreparedTmu:
+    """The prepared state of ``model``, a version unlearned from ``parent``'s, from ``parent`` (call only when
+    :func:`incremental_refusal` is None).
+
+    What is recomputed and what is kept follows one rule: nothing derived from a model that was trained on the
+    forgotten samples is kept, except values computed on the held-out twin samples (D_test) alone.
+
+    - Recomputed under ``model``: the training features (one pass over the new training set, which has no row
+      of a forgotten id), the twin samples' easy labels, the class rates and the twin "prior" column.
+    - The curriculum model never saw M_o's weights (a fresh network trained on ``cf_ids``): kept when no
+      forgotten id is in ``cf_ids``, else retrained with the same seeds on ``cf_ids`` without the forgotten ids
+      (exactly what :func:`train_cf_model` gives on those ids), and the twin "cf" column recomputed with it.
+    - Kept from the parent: the twin problem's other columns and the fitted easy/hard classifier (both computed
+      on D_test only). The classifier is not refitted when the curriculum model is retrained:
+      ``scripts/bench_prepare.py`` compares a request's easy/hard predictions and accuracies with this state
+      against a full build on the same version (BENCHMARKS.md).
+    - Not kept: the twin model M_t, a fine-tune of the parent's model; the new state has none (``twin_state`` is
+      empty). Requests do not use it; the next full build makes a new one.
+
+    Args:
+        parent: the parent version's prepared state (in memory).
+        model: the new version's model.
+        meta: its checkpoint metadata (the curriculum model's architecture).
+        data: the new version's training ids (D_r' as retain, no forget ids) and the twin ids.
+        options: TMU options (the parent's preparation options).
+        device: where to compute.
+        key: the new state's :func:`prepare_key`.
+        origin: names the parent version in ``info`` (e.g. ``"m:v3"``).
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior = original_side(model, data, device)
+    forgotten = set(parent.train_ids) - set(train_ids)
+    twin_images, twin_labels = data.tensors("twin")
+    timings["original_features"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    columns = dict(parent.twin_columns)
+    if "prior" in columns:
+        columns["prior"] = twin_prior
+    recomputed = ["train_features", "twin_easy", "class_rates"] + (["twin_columns.prior"] if "prior" in columns else [])
+    kept = ["twin_columns." + name for name in sorted(columns) if name not in ("prior", "cf")] + ["classifier"]
+    cf_ids, cf_state = parent.cf_ids, parent.cf_state
+    if forgotten & set(parent.cf_ids):
+        cf_ids = tuple(sample for sample in parent.cf_ids if sample not in forgotten)
+        cf_model = train_cf_model(model, meta, data.rows(cf_ids), data.labels_of(cf_ids), options, device)
+        cf_state = {k: v.detach().cpu() for k, v in cf_model.state_dict().items()}
+        if "cf" in columns:
+            columns["cf"] = curriculum_feature(cf_model, twin_images, twin_labels, device).cpu()
+        recomputed += ["cf_model"] + (["twin_columns.cf"] if "cf" in columns else [])
+    else:
+        kept += ["cf_model"] + (["twin_columns.cf"] if "cf" in columns else [])
+    timings["cf_model"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+    chain = int(parent.info.get("chain", 0)) + 1
+    info = {"kind": "incremental", "chain": chain, "parent_key": parent.key, "parent": origin,
+            "options": options.prepare_key(), "forgotten": len(forgotten), "kept": kept, "recomputed": recomputed,
+            "dropped": ["twin_model"], "timings": timings,
+            "twin_easy_rate": 100.0 * twin_easy.float().mean().item(), "twin_size": len(data.twin_ids),
+            "train_size": len(train_ids), "cf_size": len(cf_ids)}
+    logger.info("prepared TMU incrementally from %s (chain %d, %d forgotten, curriculum model %s) in %.1fs",
+                origin or parent.key[:12], chain, len(forgotten),
+                "retrained" if "cf_model" in recomputed else "kept", timings["total"])
+    return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
+                       twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=class_rates,
+                       twin_state={}, cf_state=cf_state, cf_ids=cf_ids, classifier=parent.classifier, info=info)
