@@ -373,6 +373,7 @@ class Run:
                 "request_to_serving_s": timings.get("request_to_serving"),
                 "prepare_artifacts_s": timings.get("prepare_artifacts"), "unlearn_s": timings.get("unlearn"),
                 "queue_wait_s": timings.get("queue_wait"),
+                "job_acc_test": ((job.get("result") or {}).get("metrics") or {}).get("acc_test_after"),
                 "followup_at_next": (job.get("followup") or {}).get("artifacts")}  # the new version's preparation
 
     def drain(self, timeout: float) -> float:
@@ -386,38 +387,45 @@ class Run:
         raise SystemExit(f"jobs still queued or running after {timeout:.0f}s: "
                          f"{[(j['id'], j['state'], j.get('step')) for j in busy]}")
 
+    def save(self, result: dict[str, Any]) -> None:
+        (self.dir / "stream.json").write_text(json.dumps(result, indent=2, default=str))
+
     def version_kinds(self) -> dict[str, Any]:
         body = self.client.versions(MODEL)
         return {"versions": [{k: v.get(k) for k in ("version", "state", "kind", "parent", "forget_request")}
                              for v in body["versions"]]}
 
 
-def stream(args: argparse.Namespace, run: Run, requests: list[list[str]], probe: bytes) -> dict[str, Any]:
-    """Prepare, the single request, then the back-to-back stream; one record per request (no scoring yet)."""
+def stream(args: argparse.Namespace, run: Run, result: dict[str, Any], probe: bytes) -> None:
+    """Prepare, the single request, then the back-to-back stream: one record per request in ``result["rows"]``
+    (no scoring yet), saved after each request so that a run cut short can still be scored."""
     base = json.loads(_paths(args)["build"].read_text())["serving_version"]
-    started = run.start(serve_args(args))
+    requests, rows = result["requests"], result["rows"]
+    result["serve_start"] = started = run.start(serve_args(args))
     print(f"serving {started['models']} (started {started['started']})", file=sys.stderr, flush=True)
-    rows = [{"k": 0, "owner_size": len(requests[0]), **run.serving(), "live": run.predict(probe)}]
+    rows.append({"k": 0, "owner_size": len(requests[0]), **run.serving(), "live": run.predict(probe)})
     clock = Clock()
     prepared = run_cli(run.workspace, "prepare", MODEL, timeout=900)
     if prepared.returncode != 0:
         raise SystemExit(f"tmu-admin prepare failed: {prepared.stderr[-800:]}")
-    prepare_s, _ = clock.read()
-    print(f"prepared v{base}: {prepare_s:.1f}s", file=sys.stderr, flush=True)
+    result["prepare_s"] = round(clock.read()[0], 1)
+    print(f"prepared v{base}: {result['prepare_s']}s", file=sys.stderr, flush=True)
     for k, ids in enumerate(requests[1:], start=1):
         job = run.forget(k, ids, args.seed, args.job_timeout)
         row = {"k": k, "owner_size": len(ids), **job, **run.serving(), "live": run.predict(probe)}
         rows.append(row)
+        run.save(result)
         print(f"request {k}: {len(ids)} samples -> v{row['version']} ({row['kind'] or '-'}) in "
-              f"{row['request_to_serving_s']}s (waited {row['wait_s']}s)", file=sys.stderr, flush=True)
-    drained = run.drain(args.drain_timeout)
+              f"{row['request_to_serving_s']}s (waited {row['wait_s']}s, its preparation "
+              f"{row['prepare_artifacts_s']}s)", file=sys.stderr, flush=True)
+    result["drain_s"] = run.drain(args.drain_timeout)
     final = run.serving()
-    end = {"k": "end", "owner_size": 0, **final, "live": run.predict(probe)} \
-        if final["version"] != rows[-1]["version"] else None
-    kinds = run.version_kinds()
-    exact = [v["version"] for v in kinds["versions"] if v.get("kind") == "exact" and v["version"] > base]
-    return {"rows": rows, "end": end, "prepare_s": round(prepare_s, 1), "drain_s": drained,
-            "exact_versions": exact, "versions": kinds["versions"], "serve_start": started}
+    if final["version"] != rows[-1]["version"]:
+        result["end"] = {"k": "end", "owner_size": 0, **final, "live": run.predict(probe)}
+    result["versions"] = run.version_kinds()["versions"]
+    result["exact_versions"] = [v["version"] for v in result["versions"]
+                                if v.get("kind") == "exact" and v["version"] > base]
+    result["complete"] = True
 
 
 def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -472,7 +480,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             "acc_test_first_last": [scored[0]["acc_test"], scored[-1]["acc_test"]],
             "single_request_s": single, "stream_median_s": median,
             "time_ratio": median / single if median and single else None,
-            "requests": len(rows) - 1, "forgotten": scored[-1]["union"], "exact_versions": result["exact_versions"],
+            "requests": len(rows) - 1, "complete": result.get("complete", False), "forgotten": scored[-1]["union"], "exact_versions": result["exact_versions"],
             "live_predictions_ok": sum(bool(r.get("live_ok")) for r in scored), "live_predictions": len(scored),
             "prepare_s": result["prepare_s"], "drain_s": result["drain_s"], "serve_args": serve_args(args)}
 
@@ -500,18 +508,19 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
           f"{summary['rows']} rows have one): max gap {_points(summary['max_acc_test_gap'])} (at the end "
           f"{_points(summary['final_acc_test_gap'])}), mean Delta on the union "
           f"{_points(summary['mean_delta_union'])}; {summary['forgotten']} samples forgotten in "
-          f"{summary['requests']} requests after the quickstart's")
+          f"{summary['requests']} requests after the quickstart's"
+          + ("" if summary["complete"] else f" (the run stopped before its {len(result['requests']) - 1})"))
     print(f"request to serving: single prepared request {summary['single_request_s']}s, stream median "
           f"{summary['stream_median_s']}s, ratio {'-' if ratio is None else f'{ratio:.2f}'} (target <= 1.2); "
           f"prepare {summary['prepare_s']}s")
     print(f"exact versions landed: {len(summary['exact_versions'])} {summary['exact_versions']}; jobs drained in "
-          f"{summary['drain_s']}s; live predictions matching the served version "
+          f"{'-' if summary['drain_s'] is None else summary['drain_s']}s; live predictions matching the served version "
           f"{summary['live_predictions_ok']}/{summary['live_predictions']}; serve start args "
           f"{' '.join(summary['serve_args']) or '(none)'}")
 
 
 def phase_stream(args: argparse.Namespace) -> dict[str, Any]:
-    """The service run; its raw record goes to ``runs/<label>/stream.json`` before it is scored."""
+    """The service run; its raw record goes to ``runs/<label>/stream.json`` (after each request, and at the end)."""
     from tmu_core.service.quickstart import sample_png
 
     with reference_index(args) as reference:
@@ -519,14 +528,16 @@ def phase_stream(args: argparse.Namespace) -> dict[str, Any]:
         probe_id = reference.ids("test")[0]
         probe = sample_png(reference, probe_id)
     run = Run(args)
+    result: dict[str, Any] = {"label": run.label, "requests": requests, "probe_id": probe_id, "rows": [],
+                              "end": None, "prepare_s": None, "drain_s": None, "exact_versions": [],
+                              "versions": [], "complete": False,
+                              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     print(f"run {run.label}: workspace {run.folder}, copies in {run.dir}", file=sys.stderr, flush=True)
     try:
-        result = stream(args, run, requests, probe)
+        stream(args, run, result, probe)
     finally:
         run.stop()
-    result.update({"label": run.label, "requests": requests, "probe_id": probe_id,
-                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}})
-    (run.dir / "stream.json").write_text(json.dumps(result, indent=2, default=str))
+        run.save(result)
     return result
 
 
