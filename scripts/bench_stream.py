@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one more argument for `tmu-admin serve start` (repeatable)")
     parser.add_argument("--missing-golds", choices=("train", "skip"), default="train",
                         help="when scoring: train a gold missing from the cache, or score that row without one")
-    parser.add_argument("--job-timeout", type=float, default=900.0, help="seconds a request's job may take")
+    parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds a request's job may take")
     parser.add_argument("--drain-timeout", type=float, default=1800.0,
                         help="seconds to wait at the end for queued and running jobs (background retrains)")
     args = parser.parse_args(argv)
@@ -348,12 +348,13 @@ class Run:
         return {"version": record.version, "kind": listed.get(record.version, {}).get("kind"),
                 "checkpoint": str(copy)}
 
-    def predict(self, image: bytes) -> dict[str, Any]:
-        """One prediction through TorchServe: the version that answered and its top class."""
+    def predict(self, images: list[bytes]) -> dict[str, Any]:
+        """Predictions through TorchServe: the version that answered each image and its top class."""
         from tmu_core.serving import TorchServe
 
-        answer = TorchServe(self.workspace, self.config).inference().predict(MODEL, image)
-        return {"model_version": answer.model_version, "top": answer.predictions[0].index}
+        client = TorchServe(self.workspace, self.config).inference()
+        answers = [client.predict(MODEL, image) for image in images]
+        return {"model_version": [a.model_version for a in answers], "tops": [a.predictions[0].index for a in answers]}
 
     def forget(self, k: int, ids: list[str], seed: int, timeout: float) -> dict[str, Any]:
         """``POST /forget/quickstart`` for ``ids``; waits for its job(s) and the request; the job's timings."""
@@ -396,14 +397,14 @@ class Run:
                              for v in body["versions"]]}
 
 
-def stream(args: argparse.Namespace, run: Run, result: dict[str, Any], probe: bytes) -> None:
+def stream(args: argparse.Namespace, run: Run, result: dict[str, Any], probes: list[bytes]) -> None:
     """Prepare, the single request, then the back-to-back stream: one record per request in ``result["rows"]``
     (no scoring yet), saved after each request so that a run cut short can still be scored."""
     base = json.loads(_paths(args)["build"].read_text())["serving_version"]
     requests, rows = result["requests"], result["rows"]
     result["serve_start"] = started = run.start(serve_args(args))
     print(f"serving {started['models']} (started {started['started']})", file=sys.stderr, flush=True)
-    rows.append({"k": 0, "owner_size": len(requests[0]), **run.serving(), "live": run.predict(probe)})
+    rows.append({"k": 0, "owner_size": len(requests[0]), **run.serving(), "live": run.predict(probes)})
     clock = Clock()
     prepared = run_cli(run.workspace, "prepare", MODEL, timeout=900)
     if prepared.returncode != 0:
@@ -412,7 +413,7 @@ def stream(args: argparse.Namespace, run: Run, result: dict[str, Any], probe: by
     print(f"prepared v{base}: {result['prepare_s']}s", file=sys.stderr, flush=True)
     for k, ids in enumerate(requests[1:], start=1):
         job = run.forget(k, ids, args.seed, args.job_timeout)
-        row = {"k": k, "owner_size": len(ids), **job, **run.serving(), "live": run.predict(probe)}
+        row = {"k": k, "owner_size": len(ids), **job, **run.serving(), "live": run.predict(probes)}
         rows.append(row)
         run.save(result)
         print(f"request {k}: {len(ids)} samples -> v{row['version']} ({row['kind'] or '-'}) in "
@@ -421,7 +422,7 @@ def stream(args: argparse.Namespace, run: Run, result: dict[str, Any], probe: by
     result["drain_s"] = run.drain(args.drain_timeout)
     final = run.serving()
     if final["version"] != rows[-1]["version"]:
-        result["end"] = {"k": "end", "owner_size": 0, **final, "live": run.predict(probe)}
+        result["end"] = {"k": "end", "owner_size": 0, **final, "live": run.predict(probes)}
     result["versions"] = run.version_kinds()["versions"]
     result["exact_versions"] = [v["version"] for v in result["versions"]
                                 if v.get("kind") == "exact" and v["version"] > base]
@@ -447,19 +448,23 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
         view = reference.view(Preprocess.from_meta(meta))
         eval_ids = list(plan_data(reference, 0.5, 0).eval_ids)
         test = (view.load(eval_ids), reference.labels(eval_ids))
-        probe = view.load([result["probe_id"]])
+        probe_ids = result.get("probe_ids") or [result["probe_id"]]
+        probes = view.load(probe_ids)
         for row in result["rows"] + ([result["end"]] if result["end"] else []):
             union = forgotten[len(requests) - 1 if row["k"] == "end" else row["k"]]
             served, _ = load_checkpoint(row["checkpoint"], device)
             path = gold(args, reference, union, meta, train=args.missing_golds == "train")
             reference_model = load_checkpoint(path, device)[0] if path else served
             m = measure(reference_model, served, (view.load(union), reference.labels(union)), test, device, None)
-            local_top = int(predict_logits(served, probe, device).argmax(1)[0])
+            local = predict_logits(served, probes, device).argmax(1).tolist()
+            answered = row["live"].get("tops") or [row["live"].get("top")]
+            versions = row["live"]["model_version"]
+            versions = [versions] if isinstance(versions, str) else versions
             row.update({"union": len(union), "acc_test": m.acc_test_after, "acc_union": m.acc_forget_after,
                         "asr": m.asr_after, "test_size": m.test_size, "gold": path.name if path else None,
                         "acc_test_gold": None, "acc_union_gold": None, "delta_union": None, "asr_gold": None,
-                        "live_ok": row["live"]["model_version"] == str(row["version"])
-                        and row["live"]["top"] == local_top})
+                        "live_ok": versions == [str(row["version"])] * len(answered)
+                        and answered == local})
             if path:
                 row.update({"acc_test_gold": m.acc_test_before, "acc_union_gold": m.acc_forget_before,
                             "delta_union": abs(m.acc_forget_after - m.acc_forget_before), "asr_gold": m.asr_before})
@@ -481,7 +486,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             "single_request_s": single, "stream_median_s": median,
             "time_ratio": median / single if median and single else None,
             "requests": len(rows) - 1, "complete": result.get("complete", False), "forgotten": scored[-1]["union"], "exact_versions": result["exact_versions"],
-            "live_predictions_ok": sum(bool(r.get("live_ok")) for r in scored), "live_predictions": len(scored),
+            "live_checks_ok": sum(bool(r.get("live_ok")) for r in scored), "live_checks": len(scored),
             "prepare_s": result["prepare_s"], "drain_s": result["drain_s"], "serve_args": serve_args(args)}
 
 
@@ -514,8 +519,8 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
           f"{summary['stream_median_s']}s, ratio {'-' if ratio is None else f'{ratio:.2f}'} (target <= 1.2); "
           f"prepare {summary['prepare_s']}s")
     print(f"exact versions landed: {len(summary['exact_versions'])} {summary['exact_versions']}; jobs drained in "
-          f"{'-' if summary['drain_s'] is None else summary['drain_s']}s; live predictions matching the served version "
-          f"{summary['live_predictions_ok']}/{summary['live_predictions']}; serve start args "
+          f"{'-' if summary['drain_s'] is None else summary['drain_s']}s; versions whose TorchServe answers "
+          f"matched their copy's {summary['live_checks_ok']}/{summary['live_checks']}; serve start args "
           f"{' '.join(summary['serve_args']) or '(none)'}")
 
 
@@ -525,16 +530,17 @@ def phase_stream(args: argparse.Namespace) -> dict[str, Any]:
 
     with reference_index(args) as reference:
         requests = request_sequence(args, reference)
-        probe_id = reference.ids("test")[0]
-        probe = sample_png(reference, probe_id)
+        # the first test image of each class: what TorchServe answers must be what the served copy answers
+        probe_ids = [reference.ids("test", classes=[c])[0] for c in range(len(reference.classes))]
+        probes = [sample_png(reference, sid) for sid in probe_ids]
     run = Run(args)
-    result: dict[str, Any] = {"label": run.label, "requests": requests, "probe_id": probe_id, "rows": [],
+    result: dict[str, Any] = {"label": run.label, "requests": requests, "probe_ids": probe_ids, "rows": [],
                               "end": None, "prepare_s": None, "drain_s": None, "exact_versions": [],
                               "versions": [], "complete": False,
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     print(f"run {run.label}: workspace {run.folder}, copies in {run.dir}", file=sys.stderr, flush=True)
     try:
-        stream(args, run, result, probe)
+        stream(args, run, result, probes)
     finally:
         run.stop()
         run.save(result)
