@@ -15,8 +15,8 @@ Request k forgets one "data owner": 1-20 training samples (``--owner-sizes``; a 
 ``--owner-p``), drawn at random (so spread over classes) from those not forgotten yet; the sequence is fixed by
 ``--seed``. It goes through ``POST /forget/quickstart`` and the script waits for its job. Right after each
 request the served version (the registry's ``serving``) is copied aside, its kind (``exact`` or ``approximate``,
-when the service reports one) noted, and one test image is predicted through TorchServe. Once the service is
-stopped, each copy is scored on the pipeline's eval split (``plan_data``, twin fraction 0.5, seed 0) against the
+when the service reports one) noted, and the first test image of each class is predicted through TorchServe
+(the answers must be the copy's, from the version's number). Once the service is stopped, each copy is scored on the pipeline's eval split (``plan_data``, twin fraction 0.5, seed 0) against the
 gold of k: a model trained with the original checkpoint's recipe (``meta.recipe``) on the training set minus the
 union of everything forgotten up to k, the quickstart's 100 included. Scores: ACC_Dtest of both, the absolute
 gap in accuracy on that union (Delta), and the loss-threshold attack's success on the union (``measure``, as a
@@ -24,13 +24,16 @@ forget job's report uses it). Every image is read from a reference index the scr
 zip: the service wipes forgotten samples' pixels from its own index.
 
 Golds are cached under ``--work/golds`` by a hash of their training ids and recipe, so runs with and without a
-drift budget share them; ``--phase golds`` trains them all before any service runs (about 70 s each on 2 CPU
-cores). ``--drift-budget``, ``--retrain-after-forgets`` and ``--retrain-after`` (and any ``--serve-arg``) are
+drift budget share them; ``--phase golds`` trains them all before any service runs (the sequence is fixed
+by the seed; each gold costs what the quickstart's training does, 70 s on 2 idle CPU cores, several minutes on
+busy ones). ``--phase score`` scores a run again (``runs/<label>/stream.json``, saved after every request, so a
+run cut short can be scored too); with ``--missing-golds skip`` a row without a cached gold keeps only the served
+version's scores. ``--drift-budget``, ``--retrain-after-forgets`` and ``--retrain-after`` (and any ``--serve-arg``) are
 passed to ``tmu-admin serve start`` only when given. At the end the script waits (bounded) until no job is queued
 or running, scores the version then serving, counts the exact versions that landed, and stops the stack (also on
 an error or Ctrl-C).
 
-Examples (the drift budget off, then on)::
+The default phase ``all`` runs build, golds, stream and score in turn. Examples (the drift budget off, then on)::
 
     OMP_NUM_THREADS=2 python scripts/bench_stream.py --work /tmp/bench-stream --phase golds
     OMP_NUM_THREADS=2 python scripts/bench_stream.py --work /tmp/bench-stream --json off.json
