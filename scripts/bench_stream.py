@@ -488,7 +488,9 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             "acc_test_first_last": [scored[0]["acc_test"], scored[-1]["acc_test"]],
             "single_request_s": single, "stream_median_s": median,
             "time_ratio": median / single if median and single else None,
-            "requests": len(rows) - 1, "complete": result.get("complete", len(rows) == len(result["requests"])),  # a record without the flag "forgotten": scored[-1]["union"], "exact_versions": result["exact_versions"],
+            # a record written before the complete flag counts as complete when every request has a row
+            "requests": len(rows) - 1, "complete": result.get("complete", len(rows) == len(result["requests"])),
+            "forgotten": scored[-1]["union"], "exact_versions": result["exact_versions"],
             "live_checks_ok": sum(bool(r.get("live_ok")) for r in scored), "live_checks": len(scored),
             "prepare_s": result["prepare_s"], "drain_s": result["drain_s"], "serve_args": serve_args(args)}
 
