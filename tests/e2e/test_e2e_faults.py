@@ -15,15 +15,12 @@ import threading
 import time
 
 import pytest
-from e2e_support import assert_serving, audit_kinds
-from test_service_support import FAST_TMU
+from e2e_support import ask_to_forget, assert_serving, audit_kinds
 
 from tmu_core.errors import ServerError
 from tmu_core.forget import commit, undo
-from tmu_core.forget.intake import ForgetRequest
 from tmu_core.forget.pipeline import PipelineConfig, run_job
 from tmu_core.forget.retry import RetryPolicy
-from tmu_core.forget.submit import submit_request
 from tmu_core.index import TrainingIndex
 from tmu_core.service import swap
 from tmu_core.service.swap import SwapSettings
@@ -38,14 +35,6 @@ def _config(attempts: int) -> PipelineConfig:
     return PipelineConfig(device="cpu", prepare_next=False, swap=SwapSettings(drain_grace_s=0.1),
                           retry=RetryPolicy(attempts=attempts, first_delay_s=0.05, max_delay_s=0.2))
 
-
-def _ask(workspace, owner: str) -> tuple[str, list[str]]:
-    """Forget one owner from model m through the service's own intake; returns (job id, its samples)."""
-    answer, created = submit_request(workspace, StateStore.open(workspace),
-                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
-    assert created, answer
-    with TrainingIndex.open(workspace.index_dir) as index:
-        return answer["job_id"], index.ids_for_owners([owner])
 
 
 def _claim(workspace, job_id: str) -> None:
@@ -84,7 +73,7 @@ def test_commit_waits_out_a_locked_database(served, monkeypatch, caplog) -> None
     gives up after a 0.2 s busy timeout, and a later try lands."""
     workspace, server = served
     source, audit_before = _before(workspace)
-    job_id, samples = _ask(workspace, "owner-a-0")
+    job_id, samples = ask_to_forget(workspace, "owner-a-0")
     monkeypatch.setattr(db, "BUSY_TIMEOUT_S", 0.2)  # each try gives up fast; the retries outlast the lock
     real_commit, held, released = commit.commit_job, threading.Event(), threading.Event()
 
@@ -122,7 +111,7 @@ def test_full_database_at_the_commit_is_undone_and_queued_again(served, monkeypa
     store = StateStore.open(workspace)
     source, audit_before = _before(workspace)
     versions_before = [(v.version, v.state) for v in store.versions.versions("m")]
-    job_id, samples = _ask(workspace, "owner-b-0")
+    job_id, samples = ask_to_forget(workspace, "owner-b-0")
     real_connect, real_commit, full = db.connect, commit.commit_job, threading.Event()
 
     def connect_to_a_full_disk(path):
@@ -178,7 +167,7 @@ def test_a_step_after_the_commit_that_keeps_failing_is_resumed_not_undone(served
     workspace, server = served
     store = StateStore.open(workspace)
     source, audit_before = _before(workspace)
-    job_id, samples = _ask(workspace, "owner-c-0")
+    job_id, samples = ask_to_forget(workspace, "owner-c-0")
     calls: list[int] = []
 
     def refusing_serve_only(workspace, model, keep, keep_archive, drop, settings):
@@ -214,7 +203,7 @@ def test_a_step_after_the_commit_that_fails_a_few_times_is_retried(served, monke
     """The finishing transaction meets a full database twice: the third try lands, in the same run."""
     workspace, server = served
     source, audit_before = _before(workspace)
-    job_id, samples = _ask(workspace, "owner-d-0")
+    job_id, samples = ask_to_forget(workspace, "owner-d-0")
     real_finish, calls = JobStore.finish, []
 
     def finish_on_a_full_disk(self, job, state, *args, **kwargs):

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_support import assert_serving, audit_kinds, run_dispatched, wait_wiped
-from test_service_support import FAST_TMU
+from e2e_support import ask_to_forget, assert_serving, audit_kinds, run_dispatched, wait_wiped
 from tmu_core.forget.commit import FORWARD_STEPS
-from tmu_core.forget.intake import ForgetRequest
-from tmu_core.forget.submit import submit_request
 from tmu_core.index import TrainingIndex
 from tmu_core.state.store import StateStore
 
@@ -26,14 +23,6 @@ _SAME_UNDO_AS_NEIGHBOUR = ("load", "unlearn", "evaluate", "save")
 _BEFORE = [pytest.param(step, marks=pytest.mark.integration_slow) if step in _SAME_UNDO_AS_NEIGHBOUR else step
            for step in ("load", "unlearn", "evaluate", "save", "package", "register", "commit")]
 
-
-def _ask(workspace, owner: str) -> tuple[str, list[str]]:
-    """Forget one owner from model m through the service's own intake; returns (job id, its samples)."""
-    answer, created = submit_request(workspace, StateStore.open(workspace),
-                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
-    assert created, answer
-    with TrainingIndex.open(workspace.index_dir) as index:
-        return answer["job_id"], index.ids_for_owners([owner])
 
 
 def _snapshot(workspace) -> tuple[int, list[tuple[int, str]]]:
@@ -48,7 +37,7 @@ def test_killed_before_the_commit_changes_nothing(served, step: str) -> None:
              "package": "owner-a-1", "register": "owner-b-1", "commit": "owner-c-1"}[step]
     serving = StateStore.open(workspace).versions.require_serving("m").version
     before = _snapshot(workspace)
-    job_id, samples = _ask(workspace, owner)
+    job_id, samples = ask_to_forget(workspace, owner)
     done = run_dispatched(workspace, job_id, kill_at=step, max_attempts=1)
 
     assert done.state == "failed"
@@ -65,7 +54,7 @@ def test_killed_before_the_commit_changes_nothing(served, step: str) -> None:
 def test_killed_before_the_commit_runs_again_and_succeeds(served) -> None:
     workspace, server = served
     serving = StateStore.open(workspace).versions.require_serving("m").version
-    job_id, samples = _ask(workspace, "owner-d-1")
+    job_id, samples = ask_to_forget(workspace, "owner-d-1")
     done = run_dispatched(workspace, job_id, kill_at="register")
 
     assert done.state == "succeeded" and done.attempts == 1
@@ -83,7 +72,7 @@ def test_killed_after_the_commit_is_resumed_and_finished(served, step: str) -> N
              "cleanup": "owner-d-2"}[step]
     store = StateStore.open(workspace)
     source = store.versions.require_serving("m").version
-    job_id, samples = _ask(workspace, owner)
+    job_id, samples = ask_to_forget(workspace, owner)
     done = run_dispatched(workspace, job_id, kill_at=step)
 
     assert done.state == "succeeded", done.reason

@@ -11,15 +11,11 @@ import time
 
 import pytest
 
-from e2e_support import assert_serving, audit_kinds, run_dispatched
-from test_service_support import FAST_TMU
+from e2e_support import ask_to_forget, assert_serving, audit_kinds, run_dispatched
 from tmu_core.forget import retrain
 from tmu_core.forget.drift import DriftPolicy
-from tmu_core.forget.intake import ForgetRequest
 from tmu_core.forget.pipeline import PipelineConfig
 from tmu_core.forget.report import format_report
-from tmu_core.forget.submit import submit_request
-from tmu_core.index import TrainingIndex
 from tmu_core.serving import InferenceClient
 from tmu_core.state.store import StateStore
 from tmu_core.train import load_checkpoint
@@ -27,13 +23,6 @@ from tmu_core.unlearn.baselines import recipe_config
 
 pytestmark = pytest.mark.integration
 
-
-def _forget(workspace, owner: str) -> tuple[str, list[str]]:
-    answer, created = submit_request(workspace, StateStore.open(workspace),
-                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
-    assert created, answer
-    with TrainingIndex.open(workspace.index_dir) as index:
-        return answer["job_id"], index.ids_for_owners([owner])
 
 
 class _Predictions:
@@ -71,7 +60,7 @@ def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served
     workspace, server = served
     store = StateStore.open(workspace)
     infer = InferenceClient(server.config.url("inference"), server.keys().inference)
-    forget_id, samples = _forget(workspace, "owner-a-0")
+    forget_id, samples = ask_to_forget(workspace, "owner-a-0")
     with _Predictions(infer, _image(workspace)) as load:
         forgot = run_dispatched(workspace, forget_id, drift=DriftPolicy(max_forgets=1))
         approximate = store.versions.get("m", forgot.to_version)
@@ -111,7 +100,7 @@ def test_samples_forgotten_while_it_trains_are_left_out_of_the_exact_version(ser
     def train_then_forget(run):  # a forget request lands while the first round trains
         trained = real_train(run)
         if not forgotten:
-            forget_id, samples = _forget(workspace, "owner-b-0")
+            forget_id, samples = ask_to_forget(workspace, "owner-b-0")
             assert store.jobs.claim_next("m").id == forget_id
             subprocess.run([sys.executable, "-m", "tmu_core.forget.worker", "--job", forget_id, "--home",
                             str(workspace.home), "--model-store", str(workspace.model_store), "--device", "cpu"],
@@ -166,7 +155,7 @@ def test_a_retrain_forgets_again_what_a_rollback_made_owed(served) -> None:
 
     workspace, server = served
     store = StateStore.open(workspace)
-    forget_id, samples = _forget(workspace, "owner-c-0")
+    forget_id, samples = ask_to_forget(workspace, "owner-c-0")
     forgot = run_dispatched(workspace, forget_id, retention_s=3600)  # keep the version rolled back to
     assert forgot.state == "succeeded", forgot.reason
     rollback(workspace, "m", forgot.from_version, undo_forgets=True)
@@ -184,7 +173,7 @@ def test_a_retrain_forgets_again_what_a_rollback_made_owed(served) -> None:
 def test_a_forget_still_queued_when_a_round_starts_is_covered_by_the_exact_version(served) -> None:
     workspace, server = served
     store = StateStore.open(workspace)
-    forget_id, samples = _forget(workspace, "owner-a-1")  # queued, not claimed: as a held job waits
+    forget_id, samples = ask_to_forget(workspace, "owner-a-1")  # queued, not claimed: as a held job waits
     job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
     assert store.jobs.claim_next("m", "retrain").id == job.id
     done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
