@@ -33,7 +33,10 @@ passed to ``tmu-admin serve start`` only when given. At the end the script waits
 or running, scores the version then serving, counts the exact versions that landed, and stops the stack (also on
 an error or Ctrl-C).
 
-The default phase ``all`` runs build, golds, stream and score in turn. Examples (the drift budget off, then on)::
+The default phase ``all`` runs build, golds, stream and score in turn. ``--phase replay`` (then scored) applies the
+same sequence with the library alone, as a forget job does (the state prepared for the serving version, then
+updated from the parent's for each next one; ``unlearn``; its result the next request's model), with TMU options
+from ``--tmu KEY=VALUE``: a fast comparison of options on the same golds, with no service timings. Examples (the drift budget off, then on)::
 
     OMP_NUM_THREADS=2 python scripts/bench_stream.py --work /tmp/bench-stream --phase golds
     OMP_NUM_THREADS=2 python scripts/bench_stream.py --work /tmp/bench-stream --json off.json
@@ -67,6 +70,7 @@ from tmu_core.service.quickstart import MODEL  # noqa: E402
 
 TEST_PER_CLASS = 100  # the quickstart's default
 PHASES = ("build", "golds", "stream", "score")
+OFFLINE = "replay"  # not in "all": the library instead of the service, for comparing method options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an owner's size is MIN + a geometric draw of this success rate, cut at MAX")
     parser.add_argument("--seed", type=int, default=0, help="seeds the quickstart and the request sequence")
     parser.add_argument("--device", default="auto", help="where the quickstart, the golds and the scores run")
-    parser.add_argument("--phase", choices=(*PHASES, "all"), default="all")
+    parser.add_argument("--phase", choices=(*PHASES, OFFLINE, "all"), default="all")
+    parser.add_argument("--tmu", action="append", default=[], metavar="KEY=VALUE",
+                        help="replay: a TMU option (value parsed as JSON when it can be; repeatable)")
     parser.add_argument("--label", default=None, help="the run's folder under --work/runs (default: from the flags)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and the summary here")
     parser.add_argument("--drift-budget", default=None,
@@ -451,23 +457,25 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
         view = reference.view(Preprocess.from_meta(meta))
         eval_ids = list(plan_data(reference, 0.5, 0).eval_ids)
         test = (view.load(eval_ids), reference.labels(eval_ids))
-        probe_ids = result.get("probe_ids") or [result["probe_id"]]
-        probes = view.load(probe_ids)
+        probe_ids = result.get("probe_ids") or [result.get("probe_id")]
+        probes = view.load(probe_ids) if probe_ids[0] is not None else None
         for row in result["rows"] + ([result["end"]] if result["end"] else []):
             union = forgotten[len(requests) - 1 if row["k"] == "end" else row["k"]]
             served, _ = load_checkpoint(row["checkpoint"], device)
             path = gold(args, reference, union, meta, train=args.missing_golds == "train")
             reference_model = load_checkpoint(path, device)[0] if path else served
             m = measure(reference_model, served, (view.load(union), reference.labels(union)), test, device, None)
-            local = predict_logits(served, probes, device).argmax(1).tolist()
-            answered = row["live"].get("tops") or [row["live"].get("top")]
-            versions = row["live"]["model_version"]
-            versions = [versions] if isinstance(versions, str) else versions
+            live_ok = None
+            if "live" in row:  # a service run: TorchServe's answers must be the copy's
+                local = predict_logits(served, probes, device).argmax(1).tolist()
+                answered = row["live"].get("tops") or [row["live"].get("top")]
+                versions = row["live"]["model_version"]
+                versions = [versions] if isinstance(versions, str) else versions
+                live_ok = versions == [str(row["version"])] * len(answered) and answered == local
             row.update({"union": len(union), "acc_test": m.acc_test_after, "acc_union": m.acc_forget_after,
                         "asr": m.asr_after, "test_size": m.test_size, "gold": path.name if path else None,
                         "acc_test_gold": None, "acc_union_gold": None, "delta_union": None, "asr_gold": None,
-                        "live_ok": versions == [str(row["version"])] * len(answered)
-                        and answered == local})
+                        "live_ok": live_ok})
             if path:
                 row.update({"acc_test_gold": m.acc_test_before, "acc_union_gold": m.acc_forget_before,
                             "delta_union": abs(m.acc_forget_after - m.acc_forget_before), "asr_gold": m.asr_before})
@@ -476,12 +484,18 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
 def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rows = result["rows"]
     scored = rows + ([result["end"]] if result["end"] else [])
-    single = rows[1]["request_to_serving_s"] if len(rows) > 1 else None
+    single = rows[1].get("request_to_serving_s") if len(rows) > 1 else None
     times = [r["request_to_serving_s"] for r in rows[2:] if r.get("request_to_serving_s") is not None]
     median = statistics.median(times) if times else None
     golds = [r for r in scored if r["acc_test_gold"] is not None]
     gaps = [r["acc_test_gold"] - r["acc_test"] for r in golds]
+    gold_accs = [r["acc_test_gold"] for r in golds]
     return {"max_acc_test_gap": max(gaps) if gaps else None,
+            "max_abs_acc_test_gap": max(map(abs, gaps)) if gaps else None,
+            "rows_within_2": sum(abs(g) <= 2.0 for g in gaps),
+            # how much the golds themselves differ (each trained once, on a slightly smaller set): the floor
+            "gold_acc_test_range": [min(gold_accs), max(gold_accs)] if gold_accs else None,
+            "gold_acc_test_mean": statistics.fmean(gold_accs) if gold_accs else None,
             "final_acc_test_gap": gaps[-1] if golds and golds[-1] is scored[-1] else None,
             "mean_delta_union": statistics.fmean(r["delta_union"] for r in golds) if golds else None,
             "rows_with_gold": len(golds), "rows": len(scored),
@@ -506,6 +520,10 @@ def _points(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} points"
 
 
+def _span(values: list[float] | None) -> str:
+    return "-" if not values else f"{values[0]:.1f} to {values[1]:.1f}"
+
+
 def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
     print("| " + " | ".join(title for title, _, _ in COLUMNS) + " |")
     print("|" + " --- |" * len(COLUMNS))
@@ -516,10 +534,13 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
     first, last = summary["acc_test_first_last"]
     print(f"\nACC_Dtest served {first:.1f} -> {last:.1f}; against the gold ({summary['rows_with_gold']} of "
           f"{summary['rows']} rows have one): max gap {_points(summary['max_acc_test_gap'])} (at the end "
-          f"{_points(summary['final_acc_test_gap'])}), mean Delta on the union "
+          f"{_points(summary['final_acc_test_gap'])}; within 2 points {summary['rows_within_2']} rows; the golds "
+          f"span {_span(summary['gold_acc_test_range'])}), mean Delta on the union "
           f"{_points(summary['mean_delta_union'])}; {summary['forgotten']} samples forgotten in "
           f"{summary['requests']} requests after the quickstart's"
           + ("" if summary["complete"] else f" (the run stopped before its {len(result['requests']) - 1})"))
+    if summary["single_request_s"] is None:  # a replay: no service, no request times
+        return
     print(f"request to serving: single prepared request {summary['single_request_s']}s, stream median "
           f"{summary['stream_median_s']}s, ratio {'-' if ratio is None else f'{ratio:.2f}'} (target <= 1.2); "
           f"prepare {summary['prepare_s']}s")
@@ -552,6 +573,78 @@ def phase_stream(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def tmu_options(pairs: list[str]) -> dict[str, Any]:
+    """``--tmu KEY=VALUE`` pairs as keyword arguments of the ``tmu`` method."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--tmu {pair!r}: give KEY=VALUE, e.g. --tmu retain_from=twin")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream's requests applied by the library alone, the way a forget job does it: the serving version's
+    TMU state prepared (then, for each next version, updated from its parent's as ``prepare_next`` does), the
+    request unlearned, the result the next request's model. No service, no timings of one: a fast comparison
+    of TMU's options (``--tmu``) on the same sequence and golds. Rows go to ``runs/<label>/stream.json``."""
+    from tmu_core.device import resolve_device
+    from tmu_core.forget.artifacts import plan_data
+    from tmu_core.preprocess import Preprocess
+    from tmu_core.train import load_checkpoint, save_checkpoint
+    from tmu_core.unlearn import UnlearnData, get_method
+
+    device = resolve_device(args.device)
+    options = tmu_options(args.tmu)
+    label = args.label or "replay" + "".join(f"_{k}={v}" for k, v in sorted(options.items()))
+    folder = _paths(args)["runs"] / label
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "served").mkdir(parents=True)
+    built = json.loads(_paths(args)["build"].read_text())
+    model, meta = load_checkpoint(built["checkpoint"].replace(str(_paths(args)["folder"]), str(_paths(args)["base"])),
+                                  device)
+    method, parent = get_method("tmu", **options), None
+    with reference_index(args) as reference:
+        view = reference.view(Preprocess.from_meta(meta))
+        requests = request_sequence(args, reference)
+        plan = plan_data(reference, 0.5, 0)
+        gone = set(requests[0])
+        result: dict[str, Any] = {"label": label, "requests": requests, "rows": [], "end": None, "prepare_s": None,
+                                  "drain_s": None, "exact_versions": [], "options": options, "complete": False,
+                                  "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        result["rows"].append({"k": 0, "owner_size": len(requests[0]), "version": built["serving_version"],
+                               "kind": "approximate", "checkpoint": str(folder / "served" / "k0.pt")})
+        save_checkpoint(folder / "served" / "k0.pt", model, meta)
+        for k, ids in enumerate(requests[1:], start=1):
+            retain = tuple(i for i in plan.train_ids if i not in gone)
+            clock = Clock()
+            how = method.prepare_from(parent, model, meta, UnlearnData(view, (), retain, plan.twin_ids), device)
+            prepare_s = clock.read()[0]
+            gone |= set(ids)
+            data = UnlearnData(view, tuple(ids), tuple(i for i in retain if i not in gone), plan.twin_ids)
+            outcome = method.unlearn(model, meta, data, device)
+            parent, model = method.prepared, outcome.model
+            path = folder / "served" / f"k{k}.pt"
+            save_checkpoint(path, model, meta)
+            details = outcome.details
+            result["rows"].append({"k": k, "owner_size": len(ids), "version": built["serving_version"] + k,
+                                   "kind": "approximate", "checkpoint": str(path), "prepared": how,
+                                   "prepare_s": round(prepare_s, 1), "unlearn_s": round(outcome.seconds, 1),
+                                   "predicted_hard": details["predicted_hard"], "steps": details["steps"],
+                                   "stop_reason": details["stop_reason"]})
+            print(f"replay {k}: {len(ids)} samples, {details['predicted_hard']} predicted hard, "
+                  f"{details['steps']} steps ({details['stop_reason']}), prepared {how} in {prepare_s:.1f}s",
+                  file=sys.stderr, flush=True)
+            (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
+    result["complete"] = True
+    (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
 def phase_score(args: argparse.Namespace, result: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score a run (this one, or ``runs/<label>/stream.json`` of an earlier one), print and write the table."""
     if result is None:
@@ -577,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build: {json.dumps(phase_build(args))[:400]}", file=sys.stderr, flush=True)
     if "golds" in phases:
         phase_golds(args)
-    result = phase_stream(args) if "stream" in phases else None
+    result = phase_stream(args) if "stream" in phases else phase_replay(args) if OFFLINE in phases else None
+    if OFFLINE in phases:
+        phases = (*phases, "score")
     if "score" in phases:
         phase_score(args, result)
     print(f"load average at the end: {os.getloadavg()}", file=sys.stderr, flush=True)

@@ -316,3 +316,49 @@ def test_forget_finetune_stops_at_max_steps():
     model, hard, easy = _two_blob_model()
     result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.0), DEVICE)
     assert result.stop_reason == "max_steps" and result.steps == 3
+
+
+def _guard_near_the_hard_samples(pixel: int) -> TuneSet:
+    """Twelve held-out class-0 images at ``pixel``, between the class-0 blob (50) and the hard samples (120)."""
+    gen = generator(5)
+    images = (torch.full((12, 3, 2, 2), pixel).float() + torch.randn((12, 3, 2, 2), generator=gen) * 5)
+    return TuneSet(images.clamp(0, 255).to(torch.uint8), torch.zeros(12, dtype=torch.long))
+
+
+def _guard_accuracy(model: nn.Module, guard: TuneSet) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(guard.images.float() / 255).argmax(1) == guard.labels).float().mean().item()
+
+
+def test_the_guard_takes_back_steps_that_cost_held_out_accuracy():
+    model, hard, easy = _two_blob_model()
+    guard = _guard_near_the_hard_samples(100)
+    cfg = TuneConfig(lr=0.3, max_steps=50, optimizer="sgd", retain_weight=0.0, noise_std=0.0, easy_weight=0.0,
+                     margin=8.0)
+    assert _guard_accuracy(model, guard) == 100.0
+    unguarded = copy.deepcopy(model)
+    forget_finetune(unguarded, hard, easy, None, cfg, DEVICE)
+    assert _guard_accuracy(unguarded, guard) == 0.0  # the fault: the boundary moved past the held-out images
+    result = forget_finetune(model, hard, easy, None, TuneConfig(**{**cfg.__dict__, "guard_drop": 0.0}), DEVICE,
+                             guard=guard)
+    assert result.refused_steps >= 1 and result.stop_reason == "aligned" and result.hard_accuracy_after == 0.0
+    assert result.guard_accuracy_before == result.guard_accuracy_after == _guard_accuracy(model, guard) == 100.0
+
+
+def test_the_guard_stops_the_run_when_even_the_smallest_step_costs_too_much():
+    model, hard, easy = _two_blob_model()
+    guard = _guard_near_the_hard_samples(110)
+    before = copy.deepcopy(model.state_dict())
+    cfg = TuneConfig(lr=1.0, max_steps=50, optimizer="sgd", retain_weight=0.0, noise_std=0.0, easy_weight=0.0,
+                     margin=8.0, guard_drop=0.0, guard_halvings=2)
+    result = forget_finetune(model, hard, easy, None, cfg, DEVICE, guard=guard)
+    assert result.stop_reason == "guard" and result.steps == 0 and result.refused_steps == 3
+    assert result.hard_accuracy_after == 100.0  # measured on the weights kept, which are the start's
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_guard_settings_are_checked():
+    with pytest.raises(InvalidInputError, match="guard_drop"):
+        TuneConfig(guard_drop=-1.0)
+    with pytest.raises(InvalidInputError, match="guard_size"):
+        get_method("tmu", guard_size=0)

@@ -55,6 +55,19 @@ def test_tmu_unlearns_predicted_hard_and_keeps_predicted_easy(prob):
         assert _accuracy(outcome.model, data, hard) == 0.0
 
 
+def test_tmu_guards_held_out_accuracy_during_its_fine_tune(prob):
+    data = prob.data(prob.forget_ids(0, 20))
+    twin = list(data.twin_ids)
+    options = {**FAST, "guard_drop": 2.0, "guard_size": len(twin)}  # the guard measures every twin image
+    tune = get_method("tmu", **options).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    measured = tune.details["tune"]
+    assert measured["guard_accuracy_before"] == pytest.approx(_accuracy(prob.model, data, twin))
+    assert measured["guard_accuracy_after"] == pytest.approx(_accuracy(tune.model, data, twin))
+    assert measured["guard_accuracy_after"] >= measured["guard_accuracy_before"] - 2.0
+    off = get_method("tmu", **{**options, "guard_drop": None}).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert off.details["tune"]["guard_accuracy_before"] is None and off.details["tune"]["refused_steps"] == 0
+
+
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
     """Flipped-label samples are hard by construction; the classifier must find them better than chance."""
     forget = prob.forget_ids(1, 30, seed=1)

@@ -1,4 +1,4 @@
-"""Keys that expire every minute, over three minutes of predictions, version swaps and a forget job.
+"""Keys that expire every minute, over two minutes of predictions, version swaps and a forget job.
 
 ``tmu-admin serve start`` runs TorchServe with ``token_expiration_min=1`` and the extension (whose key keeper
 renews TorchServe's keys). Meanwhile ``tmu-admin predict`` runs every half second, long-lived clients keep
@@ -33,7 +33,7 @@ from tmu_core.train import CheckpointMeta, save_checkpoint
 
 pytestmark = pytest.mark.integration
 
-RUN_S = 185.0  # three key lifetimes of 60 s, and a little more
+RUN_S = 125.0  # two key lifetimes of 60 s, and a little more
 FORGET_AT_S = 65.0  # after the keys TorchServe started with have expired
 SWAP_EVERY_S = 20.0
 HARD_LIMIT_S = RUN_S + 150.0
@@ -131,7 +131,7 @@ def _operate(workspace: Workspace, runner: CliRunner, base: list[str], image: Pa
     return job
 
 
-def test_three_expiry_periods_without_a_failed_request(tmp_path):
+def test_two_expiry_periods_without_a_failed_request(tmp_path):
     workspace = make_workspace(tmp_path)
     make_index(workspace, tmp_path).close()
     make_v1(workspace)
@@ -154,8 +154,8 @@ def test_three_expiry_periods_without_a_failed_request(tmp_path):
     assert tally.failures == [], f"after {tally.done}: {tally.failures}"
     assert tally.elapsed() >= RUN_S
     assert job is not None and job["state"] == "succeeded", (job or {}).get("reason")
-    assert tally.done["register"] >= 3 and tally.done["unregister"] >= 3 and tally.done["tmu-admin predict"] > 100
-    # three renewals of each key at least, done by the extension's keeper
-    assert min(len(seen) for seen in tally.keys_seen.values()) >= 4, tally.keys_seen
-    assert extension_log.count("renewed torchserve management key") >= 3
-    assert extension_log.count("renewed torchserve inference key") >= 3
+    assert tally.done["register"] >= 3 and tally.done["unregister"] >= 3 and tally.done["tmu-admin predict"] > 60
+    # two renewals of each key at least, done by the extension's keeper
+    assert min(len(seen) for seen in tally.keys_seen.values()) >= 3, tally.keys_seen
+    assert extension_log.count("renewed torchserve management key") >= 2
+    assert extension_log.count("renewed torchserve inference key") >= 2

@@ -24,9 +24,18 @@ whole class). Two bounded terms are offered instead:
 - ``"ce_clamp"``: ``-min(CE, ascent_cap)``, the paper's ascent with no gradient once the loss reaches the cap.
 
 Stopping rule: stop as soon as every predicted-hard sample is misclassified and no predicted-easy sample that
-was correct at the start has become wrong (``"aligned"``), or after ``max_steps`` (``"max_steps"``).
+was correct at the start has become wrong (``"aligned"``), after ``max_steps`` (``"max_steps"``), or when the
+guard refuses a step at the smallest rate it allows (``"guard"``).
 ``tolerance`` lets a share of the forget samples stay misaligned at the stop: the last one or two
 memorised hard samples can take as many steps as all the others together.
+Guard (``guard_drop``, off when None): a step that lowers the model's accuracy on a guard set of held-out
+images (TMU passes part of its twin set) by more than ``guard_drop`` points below the start is taken back
+(weights and optimiser state), and tried again at half the learning rate, which stays halved; after
+``guard_halvings`` halvings the run stops (``"guard"``). One optimiser step on a handful of memorised
+samples moves every weight by about the learning rate (Adam's first steps are sign steps whatever the
+gradient's size), which on a one- or two-sample request cost up to 12 points of test accuracy; the guard
+bounds that cost where it is measured instead of guessing a learning rate for every request size.
+
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
 have the scale of ordinary training) and still leaves the running statistics unchanged.
@@ -35,6 +44,7 @@ have the scale of ordinary training) and still leaves the running statistics unc
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -82,6 +92,8 @@ class TuneConfig:
         optimizer: ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adam"``.
         bn: ``"frozen"``: the model runs in eval mode (running batch-norm statistics);
             ``"batch"``: train mode, normalising with the step's batch, running statistics left unchanged.
+        guard_drop: accuracy points on the guard set a step may cost below the start (None: no guard).
+        guard_halvings: how many times a refused step may halve the learning rate before the run stops.
         seed: noise and batch sampling.
     """
 
@@ -101,6 +113,8 @@ class TuneConfig:
     easy_batch: int = 32
     optimizer: str = "adam"
     bn: str = "frozen"
+    guard_drop: float | None = None
+    guard_halvings: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +135,9 @@ class TuneConfig:
         check_range(owner, "retain_batch", self.retain_batch, 1)
         check_range(owner, "batch_size", self.batch_size, 1)
         check_range(owner, "easy_batch", self.easy_batch, 1)
+        if self.guard_drop is not None:
+            check_range(owner, "guard_drop", self.guard_drop, 0.0, 100.0)
+        check_range(owner, "guard_halvings", self.guard_halvings, 0)
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,9 @@ class TuneResult:
     easy_accuracy_before: float
     easy_accuracy_after: float
     seconds: float
+    guard_accuracy_before: float | None = None
+    guard_accuracy_after: float | None = None
+    refused_steps: int = 0
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
@@ -257,8 +277,43 @@ def _optimiser(model: nn.Module, config: TuneConfig) -> torch.optim.Optimizer:
     return sgd(model, config.lr)
 
 
+class _Guard:
+    """Takes back a step that costs more than ``drop`` accuracy points on held-out images (see the docstring)."""
+
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, part: TuneSet, config: TuneConfig,
+                 device: torch.device) -> None:
+        self.model, self.optimiser, self.part, self.config, self.device = model, optimiser, part, config, device
+        self.start = self.now = self.accuracy()
+        self.refused = 0
+
+    def accuracy(self) -> float:
+        return _accuracy(_correct(self.model, self.part, self.device))
+
+    def step(self) -> bool:
+        """One optimiser step from the gradients in place, taken back and retried at half the rate while it
+        costs too much; False when the rate may not be halved again (the weights are then as before)."""
+        weights = [p.detach().clone() for p in self.model.parameters()]
+        state = copy.deepcopy(self.optimiser.state_dict())
+        for _ in range(self.config.guard_halvings + 1):
+            self.optimiser.step()
+            self.now = self.accuracy()
+            if self.now >= self.start - self.config.guard_drop:
+                return True
+            self.refused += 1
+            with torch.no_grad():
+                for p, w in zip(self.model.parameters(), weights):
+                    p.copy_(w)
+            rates = [group["lr"] * 0.5 for group in self.optimiser.param_groups]
+            self.optimiser.load_state_dict(state)  # also the saved rate: set the halved one again
+            for group, rate in zip(self.optimiser.param_groups, rates):
+                group["lr"] = rate
+        self.now = self.accuracy()
+        return False
+
+
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
-                    config: TuneConfig, device: torch.device, anchor: nn.Module | None = None) -> TuneResult:
+                    config: TuneConfig, device: torch.device, anchor: nn.Module | None = None,
+                    guard: TuneSet | None = None) -> TuneResult:
     """Fine-tune ``model`` in place so that predicted-hard samples are misclassified and easy ones kept.
 
     Args:
@@ -269,12 +324,15 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         config: objective, noise, steps and stopping settings.
         device: where to compute.
         anchor: the original model (eval mode, not trained) for ``retain_loss="kl"``.
+        guard: held-out images for ``config.guard_drop`` (no guard when None, empty, or ``guard_drop`` is None).
 
     Returns:
         Steps, stop reason and accuracies before and after; the model ends in eval mode.
     """
     started = time.perf_counter()
     gen, optimiser = generator(config.seed), _optimiser(model, config)
+    keeper = (_Guard(model, optimiser, guard, config, device)
+              if guard is not None and guard.size and config.guard_drop is not None else None)
     easy_start = hard_start = None
     steps, reason = 0, "max_steps"
     budget = config.tolerance * (hard.size + easy.size)
@@ -299,9 +357,15 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         with _bn_mode(model, config.bn):
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            if keeper is None:
+                optimiser.step()
+            elif not keeper.step():
+                reason = "guard"
+                break
         steps += 1
     easy_now = _correct(model, easy, device) if easy_lost is None else easy_now
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
     return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
-                      _accuracy(easy_now), time.perf_counter() - started)
+                      _accuracy(easy_now), time.perf_counter() - started,
+                      keeper.start if keeper else None, keeper.now if keeper else None,
+                      keeper.refused if keeper else 0)

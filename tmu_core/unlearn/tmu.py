@@ -155,7 +155,7 @@ class TmuMethod(UnlearnMethod):
         easy_labels = forget_labels[easy_rows]
         easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(model, data, easy_labels, device))
         tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
-                                anchor=model)
+                                anchor=model, guard=self._guard_set(data))
         timings["fine_tune"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
 
@@ -237,6 +237,14 @@ class TmuMethod(UnlearnMethod):
             if mine.any():
                 targets[labels == label] = float(margins[mine].median())
         return targets
+
+    def _guard_set(self, data: UnlearnData) -> TuneSet | None:
+        """``guard_size`` held-out twin images for the fine-tune's guard (None when it is off)."""
+        if self.options.guard_drop is None:
+            return None
+        images, labels = data.tensors("twin")
+        rows = subset_rows(labels.numel(), min(1.0, self.options.guard_size / labels.numel()), self.options.seed + 8)
+        return TuneSet(images[rows], labels[rows])
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
         """A random sample of D_r big enough for every step's retain batch (None without a retain term); each
