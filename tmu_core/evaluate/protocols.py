@@ -33,7 +33,8 @@ SOURCE_KINDS = ("cifar10-zip", "digits")
 FEATURES = FEATURE_KINDS
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CIFAR_ZIP = _REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
-ALL_METHODS = ("retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher", "scrub", "tmu")
+ALL_METHODS = ("retrain", "finetune", "neg_grad", "random_label", "bad_teacher", "fisher", "scrub", "neg_grad_plus",
+               "salun", "l1_sparse", "tmu")
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,8 @@ def _cpu_photo(data: Path | None) -> Protocol:
         train=TrainConfig(epochs=12, batch_size=64, lr=0.05, augment=False, milestones=(0.7, 0.9)),
         forget_classes=(3,),
         forget_size=50,
-        methods=default_methods(("finetune", "neg_grad", "random_label", "scrub", "tmu")),
+        methods=default_methods(("finetune", "neg_grad", "random_label", "scrub", "neg_grad_plus", "salun",
+                                  "l1_sparse", "tmu")),
     )
 
 

@@ -20,7 +20,9 @@ from tmu_core.unlearn.base import (
 from tmu_core.unlearn.data import LazyImages, SampleSource, TensorSource, UnlearnData
 
 # Importing the method modules registers them.
-from tmu_core.unlearn import bad_teacher, baselines, fisher, scrub, tmu  # noqa: F401  isort: skip
+from tmu_core.unlearn import (  # noqa: F401  isort: skip
+    bad_teacher, baselines, fisher, l1_sparse, neg_grad_plus, salun, scrub, tmu,
+)
 from tmu_core.unlearn.options import TmuOptions
 
 __all__ = [

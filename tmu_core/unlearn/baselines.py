@@ -6,6 +6,8 @@
   for a bounded number of passes over D_f.
 - ``random_label``: fine-tune on D with a random wrong label on every D_f sample (Graves et al. 2021).
 - ``bad_teacher`` and ``fisher`` live in :mod:`tmu_core.unlearn.bad_teacher` and :mod:`tmu_core.unlearn.fisher`.
+- ``neg_grad_plus``, ``salun`` and ``l1_sparse`` live in :mod:`tmu_core.unlearn.neg_grad_plus`,
+  :mod:`tmu_core.unlearn.salun` and :mod:`tmu_core.unlearn.l1_sparse`.
 
 None of them holds D_r in memory at once: each step reads its own batch of it (``UnlearnData.rows``).
 """

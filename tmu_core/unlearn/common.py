@@ -20,7 +20,7 @@ from tmu_core.errors import InvalidInputError
 from tmu_core.train.loops import eval_mode, to_float
 
 if TYPE_CHECKING:
-    from tmu_core.unlearn.data import LazyImages
+    from tmu_core.unlearn.data import LazyImages, UnlearnData
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,35 @@ def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
     order = torch.randperm(n, generator=gen)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def paired_steps(model: nn.Module, data: UnlearnData, *, epochs: int, forget_batch: int, retain_batch: int,
+                 gen: torch.Generator, device: torch.device,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The forward passes of ``epochs`` shuffled passes over D_f, each D_f batch with a random D_r batch.
+
+    The D_r rows are drawn with replacement (``retain_batch`` a step) and read one batch at a time, so the cost
+    and the memory follow |D_f|, not |D_r|. Both batches go through ``model`` in one forward pass (batch norm
+    normalises them together), which also serves a D_f batch of one image, refused by batch norm in train mode
+    on its own. The caller takes the optimiser step between two items.
+
+    Yields:
+        ``(forget_logits, forget_rows, retain_logits, retain_labels)``: the rows index ``data.tensors("forget")``;
+        the logits and the retained labels are on ``device``.
+
+    Raises:
+        InvalidInputError: D_f or D_r is empty.
+    """
+    forget_images, _ = data.tensors("forget")
+    retain_ids = data.nonempty("retain")
+    retain_images, retain_labels = data.rows(retain_ids), data.labels_of(retain_ids)
+    for _ in range(epochs):
+        for forget_rows in epoch_batches(forget_images.shape[0], forget_batch, gen):
+            retain_rows = torch.randint(0, retain_images.shape[0], (retain_batch,), generator=gen)
+            images = torch.cat([forget_images[forget_rows], retain_images[retain_rows]])
+            logits = model(as_input(images, device))
+            count = int(forget_rows.numel())
+            yield logits[:count], forget_rows, logits[count:], retain_labels[retain_rows].to(device)
 
 
 def train_epochs(model: nn.Module, images: torch.Tensor | LazyImages, labels: torch.Tensor, *, epochs: int, lr: float,
