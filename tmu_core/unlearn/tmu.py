@@ -239,11 +239,19 @@ class TmuMethod(UnlearnMethod):
         return targets
 
     def _guard_set(self, data: UnlearnData) -> TuneSet | None:
-        """``guard_size`` held-out twin images for the fine-tune's guard (None when it is off)."""
+        """Up to ``guard_size`` held-out twin images of the classes D_f has no sample of, for the fine-tune's
+        guard (None when it is off, or when D_f spans every class). A forgotten class's held-out accuracy may
+        fall for good reason (a model trained without those samples knows the class less well; a class-shaped
+        request can take a fifth of it), so the guard watches only the classes the request leaves alone."""
         if self.options.guard_drop is None:
             return None
         images, labels = data.tensors("twin")
-        rows = subset_rows(labels.numel(), min(1.0, self.options.guard_size / labels.numel()), self.options.seed + 8)
+        touched = data.tensors("forget")[1].unique()
+        others = (~torch.isin(labels, touched)).nonzero().squeeze(1)
+        if not others.numel():
+            return None
+        rows = others[subset_rows(others.numel(), min(1.0, self.options.guard_size / others.numel()),
+                                  self.options.seed + 8)]
         return TuneSet(images[rows], labels[rows])
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
