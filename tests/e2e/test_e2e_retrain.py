@@ -1,5 +1,6 @@
 """The exact retrain on a real TorchServe: queued by the drift policy, swapped in without a failed prediction,
-overtaken by a forget while it trains, killed before its commit, and clearing samples a rollback made owed."""
+caught up with a forget that lands while it trains (the forget does not wait for it), killed or failing before
+its commit, and clearing samples a rollback made owed."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served
         done = run_dispatched(workspace, scheduled["job_id"], timeout=300)
         final = infer.predict("m", _image(workspace)).model_version
     assert done.state == "succeeded", done.reason
-    assert done.kind == "retrain" and done.result["rounds"] == 1
+    assert done.kind == "retrain" and done.result["caught_up"] is None
     exact = store.versions.require_serving("m")
     assert (approximate.kind, exact.kind) == ("approximate", "exact")
     assert exact.parent == approximate.version and exact.forget_request == done.id
@@ -90,39 +91,87 @@ def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served
     assert report["forgetting"]["kind"] == "exact" and "exact retrain" in format_report(report)
 
 
-def test_samples_forgotten_while_it_trains_are_left_out_of_the_exact_version(served, monkeypatch) -> None:
+def _forget_during_training(workspace, monkeypatch, owner: str) -> list[str]:
+    """Make the retrain's training end with a forget request of ``owner`` run to its end by a worker process (the
+    model's lock free for it), and a wipe pass after it; returns the forgotten samples once it has run."""
+    from tmu_core.forget.wipe import sweep
+    from tmu_core.index import TrainingIndex
+
+    store = StateStore.open(workspace)
+    real_train, forgotten = retrain._train, []
+
+    def train_then_forget(run):
+        trained = real_train(run)
+        forget_id, samples = ask_to_forget(workspace, owner)
+        assert store.jobs.claim_next("m").id == forget_id
+        subprocess.run([sys.executable, "-m", "tmu_core.forget.worker", "--job", forget_id, "--home",
+                        str(workspace.home), "--model-store", str(workspace.model_store), "--device", "cpu"],
+                       check=True, timeout=300, capture_output=True)
+        assert store.jobs.get(forget_id).state == "succeeded"
+        sweep(workspace)  # the running retrain's network holds these samples: their pixels stay for its catch-up
+        with TrainingIndex.open(workspace.index_dir) as index:
+            assert not any(index.is_forgotten(sample) for sample in samples)
+        forgotten.extend(samples)
+        return trained
+
+    monkeypatch.setattr(retrain, "_train", train_then_forget)
+    return forgotten
+
+
+def test_samples_forgotten_while_it_trains_are_caught_up_before_it_serves(served, monkeypatch) -> None:
+    from tmu_core.forget.wipe import sweep
+    from tmu_core.index import TrainingIndex
+
     workspace, server = served
     store = StateStore.open(workspace)
     job, created = store.jobs.submit_retrain("m", {"reason": "test"})
     assert created and store.jobs.claim_next("m", "retrain").id == job.id
-    real_train, forgotten = retrain._train, []
-
-    def train_then_forget(run):  # a forget request lands while the first round trains
-        trained = real_train(run)
-        if not forgotten:
-            forget_id, samples = ask_to_forget(workspace, "owner-b-0")
-            assert store.jobs.claim_next("m").id == forget_id
-            subprocess.run([sys.executable, "-m", "tmu_core.forget.worker", "--job", forget_id, "--home",
-                            str(workspace.home), "--model-store", str(workspace.model_store), "--device", "cpu"],
-                           check=True, timeout=300, capture_output=True)
-            assert store.jobs.get(forget_id).state == "succeeded"
-            forgotten.extend(samples)
-        return trained
-
-    monkeypatch.setattr(retrain, "_train", train_then_forget)
+    forgotten = _forget_during_training(workspace, monkeypatch, "owner-b-0")
     done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
     assert done.state == "succeeded", done.reason
-    assert done.result["rounds"] == 2
-    exact = store.versions.require_serving("m")
-    after_forget = store.versions.get("m", exact.parent)
-    assert exact.kind == "exact" and after_forget.kind == "approximate"
-    assert after_forget.forget_request != done.id  # the forget's own version came between
-    members = store.versions.members("m", exact.version)
+    caught = done.result["caught_up"]
+    assert caught["samples"] == len(forgotten) and caught["method"] == "tmu" and len(caught["forget_jobs"]) == 1
+    version = store.versions.require_serving("m")
+    after_forget = store.versions.get("m", version.parent)
+    assert version.forget_request == done.id and version.kind == "approximate"
+    assert after_forget.kind == "approximate" and after_forget.forget_request == caught["forget_jobs"][0]
+    members = store.versions.members("m", version.version)
     assert forgotten and not set(forgotten) & members
     assert members == store.versions.members("m", after_forget.version)
-    assert_serving(workspace, server, exact.version)
+    drift = version.metrics["drift"]
+    assert drift["exact_base"] == version.version and drift["forgets"] == 1 and drift["samples"] == len(forgotten)
+    assert drift["base_acc_test"] == done.result["metrics"]["acc_test_retrained"]
+    _, meta = load_checkpoint(version.checkpoint, "cpu")
+    assert meta.recipe["retrain"]["caught_up"]["samples"] == len(forgotten)
+    assert not (workspace.version_dir("m", version.version) / "catch-up").exists()
+    assert_serving(workspace, server, version.version)
     kinds = [kind for kind in audit_kinds(workspace) if kind not in ("wipe", "purge")]
     assert kinds[-4:] == ["forget", "swap", "retrain", "swap"]
+    assert "caught up with" in format_report(done.result) and "unlearned by tmu" in format_report(done.result)
+    sweep(workspace)  # the retrain is over: nothing needs the pixels any more
+    with TrainingIndex.open(workspace.index_dir) as index:
+        assert all(index.is_forgotten(sample) for sample in forgotten)
+
+
+def test_a_failed_catch_up_leaves_what_serves_and_the_forget_it_was_for(served, monkeypatch) -> None:
+    from tmu_core.forget.wipe import sweep
+    from tmu_core.index import TrainingIndex
+
+    workspace, server = served
+    store = StateStore.open(workspace)
+    job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
+    assert store.jobs.claim_next("m", "retrain").id == job.id
+    forgotten = _forget_during_training(workspace, monkeypatch, "owner-c-1")
+    monkeypatch.setattr(retrain, "_catch_up_method", lambda run, stale: ("no-such-method", {}, []))
+    done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False, max_attempts=1))
+    assert done.state == "failed" and "catch_up" in done.reason and "no-such-method" in done.reason, done.reason
+    serving = store.versions.require_serving("m")
+    assert serving.forget_request != done.id and not set(forgotten) & store.versions.members("m", serving.version)
+    assert not workspace.version_dir("m", done.to_version).exists()
+    assert_serving(workspace, server, serving.version)
+    sweep(workspace)
+    with TrainingIndex.open(workspace.index_dir) as index:
+        assert all(index.is_forgotten(sample) for sample in forgotten)
 
 
 def _changes(store) -> int:
@@ -177,7 +226,7 @@ def test_a_forget_still_queued_when_a_round_starts_is_covered_by_the_exact_versi
     job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
     assert store.jobs.claim_next("m", "retrain").id == job.id
     done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False))
-    assert done.state == "succeeded" and done.result["rounds"] == 1, done.reason
+    assert done.state == "succeeded" and done.result["caught_up"] is None, done.reason
     exact = store.versions.require_serving("m")
     assert not set(samples) & store.versions.members("m", exact.version)
     after = run_dispatched(workspace, forget_id)

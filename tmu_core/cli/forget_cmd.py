@@ -163,9 +163,10 @@ def report(workspace: Workspace, job_id: str) -> None:
               help="Seconds to wait with --wait.")
 @click.pass_obj
 def retrain(workspace: Workspace, model: str, epochs: int | None, wait: bool, timeout: float) -> None:
-    """Retrain MODEL exactly on its retained samples in the background and serve it as a new exact version.
+    """Retrain MODEL exactly on its retained samples in the background and serve it as a new version.
 
-    Forget requests go on meanwhile; samples they forget before the retrain lands are left out of it.
+    Forget requests go on meanwhile. Samples they forget while it trains are unlearned from the retrained network
+    before it serves (the version is then approximate, with a lineage of its own); otherwise it is exact.
     """
     with tmu_errors():
         client = _client(workspace)

@@ -51,8 +51,8 @@ class CommitPlan:
 
 
 def _audit_details(job: Job, plan: CommitPlan, result: dict[str, Any]) -> dict[str, Any]:
-    if plan.kind == "exact":
-        return {"method": "retrain", "metrics": result.get("metrics"), "rounds": result.get("rounds"),
+    if job.kind == "retrain":
+        return {"method": "retrain", "metrics": result.get("metrics"), "caught_up": result.get("caught_up"),
                 "reason": job.options.get("reason"), "trained_on": len(plan.members)}
     return {"method": result.get("method"), "metrics": result.get("metrics"), "owners": job.owner_ids,
             "forget_request": job.request_id, "already_forgotten": len(job.already_forgotten)}
@@ -94,7 +94,7 @@ def commit_job(store: StateStore, job: Job, plan: CommitPlan, result: dict[str, 
             if plan.forgotten:
                 store.membership.mark_forgotten(conn, plan.model, plan.forgotten, job.id)
             record = store.audit.append(
-                "forget" if plan.kind == "approximate" else "retrain", plan.model,
+                "retrain" if job.kind == "retrain" else "forget", plan.model,
                 {"from": plan.source, "to": plan.target}, plan.request_ids, plan.forgotten,
                 _audit_details(job, plan, result), conn=conn)
             final = {**result, "audit_head": f"{record.seq}:{record.hash}"}

@@ -31,9 +31,6 @@ class DriftPolicy:
         budget: ACC_Dtest points the lineage may lose against its last exact version.
         max_forgets: forget jobs since the last exact version.
         max_age_s: seconds since the last exact version was made, once it has forgotten something.
-        max_rounds: retrain rounds of one retrain job: samples forgotten while it trained make it train again
-            without them; its last round trains holding the model's lock, so that nothing can be forgotten
-            meanwhile (forget requests wait for it).
         hold_at: ACC_Dtest points of cost at which forget jobs stop being unlearned on top of the drifting lineage
             while its retrain runs: they wait in the queue, the retrain leaves their samples out, and they finish
             on the exact version (None: never hold; forget jobs go on beside the retrain).
@@ -42,7 +39,6 @@ class DriftPolicy:
     budget: float | None = None
     max_forgets: int | None = None
     max_age_s: float | None = None
-    max_rounds: int = 2
     hold_at: float | None = None
 
     def __post_init__(self) -> None:
@@ -54,8 +50,6 @@ class DriftPolicy:
             raise InvalidInputError(f"retrain after a duration needs a duration > 0, got {self.max_age_s}s")
         if self.hold_at is not None and self.hold_at < 0:
             raise InvalidInputError(f"the hold level is ACC_Dtest points >= 0, got {self.hold_at}")
-        if self.max_rounds < 1:
-            raise InvalidInputError(f"a retrain needs at least 1 round, got {self.max_rounds}")
 
     def holds(self, drift: dict[str, Any] | None) -> bool:
         """True when forget jobs on a lineage with this ``drift`` wait for its running retrain."""

@@ -146,9 +146,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"job {report.get('job_id')}  model {report.get('model')}  v{report.get('from_version')} -> "
              f"v{report.get('to_version')}  method {report.get('method')}"]
     if report.get("kind") == "retrain":
-        lines += [f"exact retrain on {m['trained_on']} retained samples, {report.get('rounds')} round(s): "
-                  f"{report.get('reason')}", f"{'metric':<12}{'before':>10}{'after':>10}",
+        caught = report.get("caught_up")
+        lines += [f"{'retrain' if caught else 'exact retrain'} on {m['trained_on']} retained samples: "
+                  f"{report.get('reason')}",
+                  f"{'metric':<12}{'before':>10}{'after':>10}",
                   f"{'ACC_Dtest':<12}{m['acc_test_before']:>10.2f}{m['acc_test_after']:>10.2f}"]
+        if caught:
+            lines.append(f"caught up with {caught['samples']} samples forgotten while it trained ({caught['method']}, "
+                         f"{caught['seconds']:.1f}s): ACC_Dtest {m['acc_test_retrained']:.2f} retrained, "
+                         f"{m['acc_test_after']:.2f} after")
     else:
         lines += [f"forget set: {m['forget_size']} samples (D_test: {m['test_size']})",
                   f"{'metric':<12}{'before':>10}{'after':>10}",
@@ -168,6 +174,11 @@ def forgetting_line(forgetting: dict[str, Any]) -> str:
     """What kind of forgetting a version is, and for an approximate one, where its exact retrain stands."""
     if forgetting.get("kind") == "exact":
         return f"forgetting: exact (retrained; replaces {forgetting.get('replaces_kind')} v{forgetting.get('replaces')})"
+    caught = forgetting.get("caught_up")
+    if caught:
+        return (f"forgetting: retrained, then {caught['samples']} samples forgotten during the training unlearned by "
+                f"{forgetting.get('method')} (approximate; replaces {forgetting.get('replaces_kind')} "
+                f"v{forgetting.get('replaces')}); its drift counts from the retrained network")
     drift, retrain = forgetting.get("drift") or {}, forgetting.get("retrain") or {}
     line = (f"forgetting: approximate ({forgetting.get('method')}), {drift.get('forgets')} forget job(s) and "
             f"{drift.get('cost', 0):+.2f} ACC_Dtest points since exact v{forgetting.get('exact_base')}")

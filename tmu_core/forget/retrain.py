@@ -1,18 +1,22 @@
-"""An exact retrain of a model on its retained samples, swapped in as a new ``exact`` version.
+"""An exact retrain of a model on its retained samples, swapped in as a new version.
 
 A ``retrain`` job (queued by the drift budget, :mod:`tmu_core.forget.drift`, or by ``tmu-admin retrain``) runs
-in a job worker at low CPU priority: ``train`` -> ``evaluate`` -> ``save`` -> ``package`` -> ``register`` ->
-``commit``, then the same forward steps as a forget job (:mod:`tmu_core.forget.commit`).
+in a job worker at low CPU priority: ``train`` -> ``catch_up`` -> ``evaluate`` -> ``save`` -> ``package`` ->
+``register`` -> ``commit``, then the same forward steps as a forget job (:mod:`tmu_core.forget.commit`).
 
-Training takes as long as the model's original training, so it does not hold the model's lock: forget requests
+``train`` takes as long as the model's original training, so it does not hold the model's lock: forget requests
 that arrive meanwhile are unlearned by their own jobs as usual (or, past the policy's ``hold_at``, wait for it).
-``train`` trains a fresh network with the model's recorded recipe (``meta.recipe``) on the serving version's
-membership at the round's start, less the samples of forget jobs still queued then (their jobs find nothing left to
-unlearn once the exact version serves). Then the job takes
-the model's lock and looks at what serves now: if any sample it trained on has been forgotten since (its pixels
-may even have been wiped during the round), the round is thrown away and the next one trains without them. The
-last round (``DriftPolicy.max_rounds``) trains holding the lock, so it cannot be overtaken. The version that lands
-is trained on exactly its membership: the serving version's, with every sample forgotten before the commit out.
+It trains a fresh network with the model's recorded recipe (``meta.recipe``) on the serving version's
+membership, less owed samples and the samples of forget jobs still queued (their jobs find nothing left to
+unlearn once the new version serves).
+
+Then the job takes the model's lock and looks at what serves now. If nothing it trained on has been forgotten
+since, the network is an ``exact`` version. Otherwise ``catch_up`` unlearns those samples from the network in
+memory with the method of the forget jobs that took them, and the version that lands is ``approximate``: a
+lineage of its own whose drift counts from the retrained network's ACC_Dtest. Their pixels are still in the
+index: while a model's retrain runs, the wipe leaves what that model forgot alone
+(:func:`tmu_core.forget.wipe.sweep`). No checkpoint of a network trained on a forgotten sample is ever written,
+no forget request waits for a training, and the version that lands holds exactly its membership.
 
 A failure or a killed worker before the commit leaves what serves as it was (the same undo as a forget job's).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -42,26 +47,27 @@ NICE = 10  # a retrain yields the CPU to forget jobs and serving
 
 @dataclass(frozen=True)
 class Trained:
-    """One round's outcome: the version it started from, the ids it trained on and the new network."""
+    """The network to commit: the version it started from, the ids it holds, the weights, and how it was made
+    (``caught_up``: what the catch-up unlearned from the retrained network; None for an exact network)."""
 
     source: VersionRecord
     ids: tuple[str, ...]
     model: Any
     meta: Any
     details: dict[str, Any]
+    caught_up: dict[str, Any] | None = None
 
 
-def _membership(run: _Run, index: Any, queued: bool = False) -> tuple[VersionRecord, tuple[str, ...]]:
-    """The serving version and the ids a retrain of it trains on: its membership minus owed samples (and, with
-    ``queued``, minus the samples of the model's queued forget jobs, which the exact version then covers)."""
-    source = run.store.versions.require_serving(run.job.model)
+def _membership(run: _Run, index: Any, source: VersionRecord, queued: bool = False) -> tuple[str, ...]:
+    """The ids a retrain of ``source`` trains on: its membership minus owed samples (and, with ``queued``, minus
+    the samples of the model's queued forget jobs, which the new version then covers)."""
     members = run.store.versions.members(run.job.model, source.version)
     trained = set(index.ids("train")) if members is None else members
     waiting: set[str] = set()
     if queued:
         for job in run.store.jobs.list(model=run.job.model, state="queued", limit=10_000):
             waiting.update(job.sample_ids)
-    return source, tuple(sorted(trained - run.store.versions.owed(run.job.model) - waiting))
+    return tuple(sorted(trained - run.store.versions.owed(run.job.model) - waiting))
 
 
 def _train(run: _Run) -> Trained:
@@ -70,7 +76,8 @@ def _train(run: _Run) -> Trained:
     from tmu_core.unlearn import UnlearnData, get_method
     from tmu_core.unlearn.baselines import recipe_config
 
-    source, ids = _membership(run, run.index, queued=True)
+    source = run.store.versions.require_serving(run.job.model)
+    ids = _membership(run, run.index, source, queued=True)
     model, meta = load_checkpoint(source.checkpoint, run.device)
     try:
         recipe_config(meta)
@@ -84,13 +91,53 @@ def _train(run: _Run) -> Trained:
 
 
 def _stale(run: _Run, ids: tuple[str, ...]) -> set[str]:
-    """Ids a round trained on that the model must not be trained on any more (forgotten since)."""
-    _, now = _membership(run, run.index)
+    """Ids the network was trained on that the model must not be trained on any more (forgotten since)."""
+    now = _membership(run, run.index, run.store.versions.require_serving(run.job.model))
     return set(ids) - set(now)
 
 
-def _evaluate(run: _Run, current: VersionRecord, trained: Trained) -> dict[str, Any]:
-    """ACC on D_test (the jobs' eval split) of the version serving now and of the retrained network."""
+def _catch_up_method(run: _Run, stale: set[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """The method and options of the latest forget job that took any of ``stale`` (TMU's defaults when none
+    did: owed samples a rollback made), and the ids of those jobs."""
+    jobs = [job for job in run.store.jobs.list(model=run.job.model, state="succeeded", limit=10_000)
+            if job.kind == "forget" and stale & set(job.sample_ids)]
+    options = dict(jobs[0].options) if jobs else {}
+    return options.pop("method", "tmu"), options, sorted(job.id for job in jobs)
+
+
+def _catch_up(run: _Run, target: int, trained: Trained, stale: set[str]) -> Trained:
+    """Unlearn ``stale`` from the retrained network in memory, with the forget jobs' method, preparing its state
+    for that network in a scratch folder of the target version (deleted after)."""
+    import time
+
+    from tmu_core.forget.artifacts import plan_data, prepare
+    from tmu_core.preprocess import Preprocess
+    from tmu_core.unlearn import UnlearnData, get_method
+
+    started = time.perf_counter()
+    name, options, jobs = _catch_up_method(run, stale)
+    method = get_method(name, **options)
+    plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids)
+    view = run.index.view(Preprocess.from_meta(trained.meta))
+    folder = run.workspace.version_dir(run.job.model, target) / "catch-up"
+    forget = tuple(sorted(stale))
+    retain = tuple(i for i in plan.train_ids if i not in stale)
+    try:
+        prepare_s = prepare(method, trained.model, trained.meta, view, plan, run.device, folder)
+        data = UnlearnData(view, forget, retain, plan.twin_ids)
+        outcome = method.unlearn(trained.model, trained.meta, data, run.device, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    caught_up = {"method": name, "options": options, "samples": len(forget), "forget_jobs": jobs,
+                 "predicted_hard": None if outcome.predicted_hard_ids is None else len(outcome.predicted_hard_ids),
+                 "prepare_s": round(prepare_s, 3), "seconds": round(time.perf_counter() - started, 3)}
+    logger.info("job=%s: %d samples were forgotten while it trained; caught up with %s", run.job.id, len(forget), name)
+    return replace(trained, ids=retain, model=outcome.model, caught_up=caught_up)
+
+
+def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: Any) -> dict[str, Any]:
+    """ACC on D_test (the jobs' eval split) of the version serving now, of the retrained network and of the one
+    to commit (the same network unless it was caught up)."""
     from tmu_core.evaluate.metrics import accuracy
     from tmu_core.forget.artifacts import plan_data
     from tmu_core.preprocess import Preprocess
@@ -100,12 +147,15 @@ def _evaluate(run: _Run, current: VersionRecord, trained: Trained) -> dict[str, 
     view = run.index.view(Preprocess.from_meta(trained.meta))
     images, labels = view.load(list(plan.eval_ids)), view.labels(list(plan.eval_ids))
     before, _ = load_checkpoint(current.checkpoint, run.device)
-    return {"acc_test_before": accuracy(predict_logits(before, images, run.device), labels),
-            "acc_test_after": accuracy(predict_logits(trained.model, images, run.device), labels),
-            "test_size": len(plan.eval_ids), "trained_on": len(trained.ids)}
+    after = accuracy(predict_logits(trained.model, images, run.device), labels)
+    metrics = {"acc_test_before": accuracy(predict_logits(before, images, run.device), labels),
+               "acc_test_after": after, "test_size": len(plan.eval_ids), "trained_on": len(trained.ids)}
+    if trained.caught_up is not None:
+        metrics["acc_test_retrained"] = accuracy(predict_logits(retrained, images, run.device), labels)
+    return metrics
 
 
-def _save(run: _Run, target: int, trained: Trained, rounds: int) -> Saved:
+def _save(run: _Run, target: int, trained: Trained) -> Saved:
     from tmu_core.train import save_checkpoint
     from tmu_core.unlearn.baselines import recipe_config
 
@@ -113,8 +163,10 @@ def _save(run: _Run, target: int, trained: Trained, rounds: int) -> Saved:
     cfg = replace(cfg, seed=trained.details.get("seed", cfg.seed), epochs=trained.details.get("epochs", cfg.epochs))
     norm = {name: tuple(getattr(trained.model, name).flatten().tolist()) for name in ("mean", "std")
             if hasattr(trained.model, name)}  # the retrained network's own pixel statistics of D_r
-    meta = replace(trained.meta, recipe={"retrain": {"job": run.job.id, "rounds": rounds}, "train": asdict(cfg)},
-                   **norm,
+    recipe: dict[str, Any] = {"retrain": {"job": run.job.id}, "train": asdict(cfg)}
+    if trained.caught_up is not None:
+        recipe["retrain"]["caught_up"] = {k: trained.caught_up[k] for k in ("method", "options", "samples")}
+    meta = replace(trained.meta, recipe=recipe, **norm,
                    index_fingerprint=run.index.fingerprint(list(trained.ids)), train_size=len(trained.ids),
                    parent=f"{run.job.model}:v{trained.source.version}",
                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -122,53 +174,45 @@ def _save(run: _Run, target: int, trained: Trained, rounds: int) -> Saved:
     return Saved(save_checkpoint(folder / "checkpoint.pt", trained.model, meta), meta)
 
 
-def _round(run: _Run, locks: contextlib.ExitStack, last: bool) -> Trained | None:
-    """Train once; return with the model's lock held, or None (lock released) when the round went stale."""
-    from tmu_core.state.locks import model_lock
-
-    if last:
-        locks.enter_context(model_lock(run.workspace, run.job.model, blocking=True, holder=run.job.id))
-    _, ids = _membership(run, run.index, queued=True)
-    try:
-        trained = run.step("train", lambda: _train(run))
-    except Exception:
-        if not last and _stale(run, ids):  # a sample was forgotten (and wiped) under the round: train again
-            logger.warning("job=%s: a training sample was forgotten during the round; training again", run.job.id)
-            return None
-        raise
-    if not last:
-        locks.enter_context(model_lock(run.workspace, run.job.model, blocking=True, holder=run.job.id))
-    stale = _stale(run, trained.ids)
-    if stale and not last:
-        logger.info("job=%s: %d samples were forgotten while it trained; training again", run.job.id, len(stale))
-        locks.close()
-        return None
-    if stale:  # the last round held the lock: nothing can have been forgotten
-        raise RuntimeError(f"{len(stale)} samples were forgotten while the model's lock was held")
-    return trained
+def _drift(target: int, trained: Trained, metrics: dict[str, Any]) -> dict[str, Any]:
+    """An exact version starts a lineage; a caught-up one starts its own, its cost counted from the retrained
+    network's ACC_Dtest (the catch-up is its one forget)."""
+    now = datetime.now(timezone.utc).isoformat()
+    drift = exact_drift(target, metrics.get("acc_test_retrained", metrics["acc_test_after"]), now)
+    if trained.caught_up is None:
+        return drift
+    return {**drift, "acc_test": metrics["acc_test_after"],
+            "cost": round(drift["base_acc_test"] - metrics["acc_test_after"], 3), "forgets": 1,
+            "samples": trained.caught_up["samples"]}
 
 
 def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
-    """Rounds until one is not overtaken by a forget, then the steps up to the commit (under the model's lock)."""
-    rounds, trained = 0, None
-    while trained is None:
-        rounds += 1
-        trained = _round(run, locks, last=rounds >= run.config.drift.max_rounds)
+    """Train without the model's lock, then take it, catch up with what was forgotten meanwhile, and run the
+    steps up to the commit."""
+    from tmu_core.state.locks import model_lock
+
+    trained = run.step("train", lambda: _train(run))
+    retrained = trained.model
+    locks.enter_context(model_lock(run.workspace, run.job.model, blocking=True, holder=run.job.id))
     current = run.store.versions.require_serving(run.job.model)
     target = run.store.versions.reserve(run.job.model, run.job.id)
     undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
     run.store.jobs.set_fields(run.job.id, from_version=current.version, to_version=target)
-    metrics = run.step("evaluate", lambda: _evaluate(run, current, trained))
-    saved = run.step("save", lambda: _save(run, target, trained, rounds))
+    stale = _stale(run, trained.ids)
+    if stale:
+        trained = run.step("catch_up", lambda: _catch_up(run, target, trained, stale))
+    metrics = run.step("evaluate", lambda: _evaluate(run, current, trained, retrained))
+    saved = run.step("save", lambda: _save(run, target, trained))
     loaded = _Target(current, target)
     package = run.step("package", lambda: _package(run, loaded, saved))
     run.step("register", lambda: _register(run, loaded, package))
-    drift = exact_drift(target, metrics["acc_test_after"], datetime.now(timezone.utc).isoformat())
-    result = _result(run, current, target, trained, metrics, rounds, package)
+    drift = _drift(target, trained, metrics)
+    result = _result(run, current, target, trained, metrics, package, drift)
     plan = commit.CommitPlan(model=run.job.model, source=current.version, target=target, archive=package.archive,
                              checkpoint=saved.checkpoint, onnx=package.onnx, members=trained.ids,
                              forgotten=tuple(sorted(run.store.versions.owed(run.job.model))),
-                             request_ids=(run.job.id,), kind="exact", drift=drift)
+                             request_ids=(run.job.id,), kind="exact" if trained.caught_up is None else "approximate",
+                             drift=drift)
     run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
                                                  run.config.retry))
     return True
@@ -183,19 +227,23 @@ class _Target:
 
 
 def _result(run: _Run, current: VersionRecord, target: int, trained: Trained, metrics: dict[str, Any],
-            rounds: int, package: Any) -> dict[str, Any]:
+            package: Any, drift: dict[str, Any]) -> dict[str, Any]:
     from tmu_core.forget.report import seconds_since
 
     job = run.store.jobs.get(run.job.id)
+    forgetting: dict[str, Any] = {"kind": "exact", "method": "retrain", "exact_base": target,
+                                  "replaces": current.version, "replaces_kind": current.kind}
+    if trained.caught_up is not None:
+        forgetting = {**forgetting, "kind": "approximate", "method": trained.caught_up["method"],
+                      "caught_up": trained.caught_up, "drift": drift,
+                      "retrain": run.config.drift.outlook(drift)}
     return {
         "job_id": job.id, "kind": "retrain", "model": job.model, "from_version": current.version,
         "to_version": target, "request_ids": [job.id], "method": "retrain", "samples": 0,
-        "trained_on": len(trained.ids), "rounds": rounds, "reason": job.options.get("reason"),
+        "trained_on": len(trained.ids), "caught_up": trained.caught_up, "reason": job.options.get("reason"),
         "metrics": metrics, "timings": {**run.timings, "queued_to_commit": round(seconds_since(job.created_at), 3)},
         "unlearn_details": trained.details, "device": str(run.device),
-        "onnx_max_abs_diff": getattr(package.onnx_check, "max_abs_diff", None),
-        "forgetting": {"kind": "exact", "method": "retrain", "exact_base": target,
-                       "replaces": current.version, "replaces_kind": current.kind},
+        "onnx_max_abs_diff": getattr(package.onnx_check, "max_abs_diff", None), "forgetting": forgetting,
     }
 
 

@@ -2,7 +2,8 @@
 
 A forget request queues its samples for wiping (``wipe_queue``). A training sample is still needed while any
 model's serving version was trained on it (that model must still unlearn it, and the unlearning reads its
-pixels) or a queued or running job names it. A test-split sample (an owner's held-out image, used by TMU's twin
+pixels), a queued or running job names it, or the model that forgot it has a retrain running (the network it
+trains may hold the sample, and its catch-up reads the pixels to unlearn it). A test-split sample (an owner's held-out image, used by TMU's twin
 problem and by the evaluation split) is wiped when no job runs, and every prepared artifact folder is deleted
 then, because each was built from that split. The dispatcher calls :func:`sweep` on every pass; it is
 idempotent, so a crash at any point is repaired by the next pass.
@@ -41,6 +42,8 @@ def _needed(store: StateStore, queued: set[str], train: set[str]) -> tuple[set[s
     running = store.jobs.list(state="running", limit=10_000)
     for job in running + store.jobs.list(state="queued", limit=10_000):
         needed |= queued & set(job.sample_ids)
+    for model in {job.model for job in running if job.kind == "retrain"}:
+        needed |= train & set(store.versions.forgotten(model))  # the retrain's network may hold them: see above
     return needed, bool(running)
 
 

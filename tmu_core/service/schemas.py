@@ -251,7 +251,8 @@ class Version(BaseModel):
     state: str
     state_changed_at: str
     kind: Literal["exact", "approximate"] = Field(description="exact: trained on exactly its membership (an original "
-                                                  "or a retrain); approximate: made by a forget method")
+                                                  "or a retrain); approximate: made by a forget method (also a retrain "
+                                                  "caught up with samples forgotten while it trained)")
     trained_on: int | None = Field(description="training-set size, or null when the membership was not recorded")
 
 
