@@ -362,3 +362,5 @@ def test_guard_settings_are_checked():
         TuneConfig(guard_drop=-1.0)
     with pytest.raises(InvalidInputError, match="guard_size"):
         get_method("tmu", guard_size=0)
+    with pytest.raises(InvalidInputError, match="guard_max_samples"):
+        get_method("tmu", guard_max_samples=0)

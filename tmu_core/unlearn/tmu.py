@@ -239,20 +239,15 @@ class TmuMethod(UnlearnMethod):
         return targets
 
     def _guard_set(self, data: UnlearnData) -> TuneSet | None:
-        """Up to ``guard_size`` held-out twin images of the classes D_f has no sample of, for the fine-tune's
-        guard (None when it is off, or when D_f spans every class). A forgotten class's held-out accuracy may
-        fall for good reason (a model trained without those samples knows the class less well; a class-shaped
-        request can take a fifth of it), so the guard watches only the classes the request leaves alone."""
-        if self.options.guard_drop is None:
+        """Up to ``guard_size`` held-out twin images for the fine-tune's guard (None when it is off, or when the
+        request has more than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`)."""
+        opts = self.options
+        if opts.guard_drop is None or (opts.guard_max_samples is not None
+                                       and len(data.forget_ids) > opts.guard_max_samples):
             return None
         images, labels = data.tensors("twin")
-        touched = data.tensors("forget")[1].unique()
-        others = (~torch.isin(labels, touched)).nonzero().squeeze(1)
-        if not others.numel():
-            return None
-        rows = others[subset_rows(others.numel(), min(1.0, self.options.guard_size / others.numel()),
-                                  self.options.seed + 8)]
-        return TuneSet(images[rows], labels[rows])
+        rows = subset_rows(labels.numel(), min(1.0, opts.guard_size / max(labels.numel(), 1)), opts.seed + 8)
+        return TuneSet(images[rows], labels[rows]) if rows.numel() else None
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
         """A random sample of D_r big enough for every step's retain batch (None without a retain term); each
