@@ -496,6 +496,10 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             # how much the golds themselves differ (each trained once, on a slightly smaller set): the floor
             "gold_acc_test_range": [min(gold_accs), max(gold_accs)] if gold_accs else None,
             "gold_acc_test_mean": statistics.fmean(gold_accs) if gold_accs else None,
+            # one request removes 1-20 samples, yet the gold moves by this much from one request to the next
+            "gold_step_max": max((abs(b - a) for a, b in zip(gold_accs, gold_accs[1:])), default=None),
+            "rows_within_2_of_gold_mean": (sum(abs(statistics.fmean(gold_accs) - r["acc_test"]) <= 2.0 for r in golds)
+                                           if gold_accs else None),
             "final_acc_test_gap": gaps[-1] if golds and golds[-1] is scored[-1] else None,
             "mean_delta_union": statistics.fmean(r["delta_union"] for r in golds) if golds else None,
             "rows_with_gold": len(golds), "rows": len(scored),
@@ -535,7 +539,9 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
     print(f"\nACC_Dtest served {first:.1f} -> {last:.1f}; against the gold ({summary['rows_with_gold']} of "
           f"{summary['rows']} rows have one): max gap {_points(summary['max_acc_test_gap'])} (at the end "
           f"{_points(summary['final_acc_test_gap'])}; within 2 points {summary['rows_within_2']} rows; the golds "
-          f"span {_span(summary['gold_acc_test_range'])}), mean Delta on the union "
+          f"span {_span(summary['gold_acc_test_range'])} and move up to {_points(summary['gold_step_max'])} from "
+          f"one request to the next; within 2 points of their mean {summary['rows_within_2_of_gold_mean']} rows), "
+          f"mean Delta on the union "
           f"{_points(summary['mean_delta_union'])}; {summary['forgotten']} samples forgotten in "
           f"{summary['requests']} requests after the quickstart's"
           + ("" if summary["complete"] else f" (the run stopped before its {len(result['requests']) - 1})"))
