@@ -131,6 +131,7 @@ def test_samples_forgotten_while_it_trains_are_caught_up_before_it_serves(served
     assert done.state == "succeeded", done.reason
     caught = done.result["caught_up"]
     assert caught["samples"] == len(forgotten) and caught["method"] == "tmu" and len(caught["forget_jobs"]) == 1
+    assert caught["prepared_before_lock"]  # the forget landed during the training: prepared without the lock
     version = store.versions.require_serving("m")
     after_forget = store.versions.get("m", version.parent)
     assert version.forget_request == done.id and version.kind == "approximate"
@@ -143,7 +144,6 @@ def test_samples_forgotten_while_it_trains_are_caught_up_before_it_serves(served
     assert drift["base_acc_test"] == done.result["metrics"]["acc_test_retrained"]
     _, meta = load_checkpoint(version.checkpoint, "cpu")
     assert meta.recipe["retrain"]["caught_up"]["samples"] == len(forgotten)
-    assert not (workspace.version_dir("m", version.version) / "catch-up").exists()
     assert_serving(workspace, server, version.version)
     kinds = [kind for kind in audit_kinds(workspace) if kind not in ("wipe", "purge")]
     assert kinds[-4:] == ["forget", "swap", "retrain", "swap"]
@@ -153,7 +153,13 @@ def test_samples_forgotten_while_it_trains_are_caught_up_before_it_serves(served
         assert all(index.is_forgotten(sample) for sample in forgotten)
 
 
-def test_a_failed_catch_up_leaves_what_serves_and_the_forget_it_was_for(served, monkeypatch) -> None:
+def _disk_full(*_: object) -> None:
+    raise OSError(28, "No space left on device")
+
+
+# "catch_up" fails under the lock with the target reserved; "prepare" (before the lock) runs with the long suite.
+@pytest.mark.parametrize("step", [pytest.param("prepare", marks=pytest.mark.integration_slow), "catch_up"])
+def test_a_failed_catch_up_leaves_what_serves_and_the_forget_it_was_for(served, monkeypatch, step: str) -> None:
     from tmu_core.forget.wipe import sweep
     from tmu_core.index import TrainingIndex
 
@@ -161,13 +167,17 @@ def test_a_failed_catch_up_leaves_what_serves_and_the_forget_it_was_for(served, 
     store = StateStore.open(workspace)
     job, _ = store.jobs.submit_retrain("m", {"reason": "test"})
     assert store.jobs.claim_next("m", "retrain").id == job.id
-    forgotten = _forget_during_training(workspace, monkeypatch, "owner-c-1")
-    monkeypatch.setattr(retrain, "_catch_up_method", lambda run, stale: ("no-such-method", {}, []))
+    forgotten = _forget_during_training(workspace, monkeypatch, {"prepare": "owner-c-1", "catch_up": "owner-d-1"}[step])
+    if step == "prepare":  # before the lock: a method the catch-up cannot build
+        monkeypatch.setattr(retrain, "_catch_up_method", lambda run, stale: ("no-such-method", {}, []))
+    else:  # under the lock, the target version reserved: the disk fills up
+        monkeypatch.setattr(retrain, "_catch_up", _disk_full)
     done = retrain.run_retrain(workspace, job.id, PipelineConfig(device="cpu", prepare_next=False, max_attempts=1))
-    assert done.state == "failed" and "catch_up" in done.reason and "no-such-method" in done.reason, done.reason
+    assert done.state == "failed" and f"step '{step}' failed" in done.reason, done.reason
+    assert ("no-such-method" if step == "prepare" else "No space left") in done.reason
     serving = store.versions.require_serving("m")
     assert serving.forget_request != done.id and not set(forgotten) & store.versions.members("m", serving.version)
-    assert not workspace.version_dir("m", done.to_version).exists()
+    assert done.to_version is None or not workspace.version_dir("m", done.to_version).exists()
     assert_serving(workspace, server, serving.version)
     sweep(workspace)
     with TrainingIndex.open(workspace.index_dir) as index:

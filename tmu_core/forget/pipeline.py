@@ -36,9 +36,10 @@ from tmu_core.state.versions import VersionRecord
 logger = logging.getLogger(__name__)
 
 STEPS = ("load", "unlearn", "evaluate", "save", "package", "register", "commit")
-# A retrain job's steps (tmu_core.forget.retrain): "train" (and "catch_up" when needed) replace load/unlearn.
-RETRAIN_STEPS = ("train", "catch_up", "evaluate", "save", "package", "register", "commit")
-KILL_POINTS = STEPS + ("train", "catch_up") + commit.FORWARD_STEPS
+# A retrain job's steps (tmu_core.forget.retrain): "train" (then "prepare" and "catch_up" when needed) replace
+# load/unlearn.
+RETRAIN_STEPS = ("train", "prepare", "catch_up", "evaluate", "save", "package", "register", "commit")
+KILL_POINTS = STEPS + ("train", "prepare", "catch_up") + commit.FORWARD_STEPS
 T = TypeVar("T")
 
 

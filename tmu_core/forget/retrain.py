@@ -1,8 +1,8 @@
 """An exact retrain of a model on its retained samples, swapped in as a new version.
 
 A ``retrain`` job (queued by the drift budget, :mod:`tmu_core.forget.drift`, or by ``tmu-admin retrain``) runs
-in a job worker at low CPU priority: ``train`` -> ``catch_up`` -> ``evaluate`` -> ``save`` -> ``package`` ->
-``register`` -> ``commit``, then the same forward steps as a forget job (:mod:`tmu_core.forget.commit`).
+in a job worker at low CPU priority: ``train`` -> (``prepare`` -> ``catch_up``) -> ``evaluate`` -> ``save`` ->
+``package`` -> ``register`` -> ``commit``, then the forward steps of a forget job (:mod:`tmu_core.forget.commit`).
 
 ``train`` takes as long as the model's original training, so it does not hold the model's lock: forget requests
 that arrive meanwhile are unlearned by their own jobs as usual (or, past the policy's ``hold_at``, wait for it).
@@ -13,10 +13,11 @@ unlearn once the new version serves).
 Then the job takes the model's lock and looks at what serves now. If nothing it trained on has been forgotten
 since, the network is an ``exact`` version. Otherwise ``catch_up`` unlearns those samples from the network in
 memory with the method of the forget jobs that took them, and the version that lands is ``approximate``: a
-lineage of its own whose drift counts from the retrained network's ACC_Dtest. Their pixels are still in the
-index: while a model's retrain runs, the wipe leaves what that model forgot alone
-(:func:`tmu_core.forget.wipe.sweep`). No checkpoint of a network trained on a forgotten sample is ever written,
-no forget request waits for a training, and the version that lands holds exactly its membership.
+lineage of its own whose drift counts from the retrained network's ACC_Dtest. The method's state for the new
+network is built by ``prepare`` before the lock when samples were forgotten by then, in memory only. The
+samples' pixels are still in the index: while a model's retrain runs, the wipe leaves what that model forgot
+alone (:func:`tmu_core.forget.wipe.sweep`). No checkpoint of a network trained on a forgotten sample is ever
+written, no forget request waits for a training, and the version that lands holds exactly its membership.
 
 A failure or a killed worker before the commit leaves what serves as it was (the same undo as a forget job's).
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -105,32 +105,57 @@ def _catch_up_method(run: _Run, stale: set[str]) -> tuple[str, dict[str, Any], l
     return options.pop("method", "tmu"), options, sorted(job.id for job in jobs)
 
 
-def _catch_up(run: _Run, target: int, trained: Trained, stale: set[str]) -> Trained:
-    """Unlearn ``stale`` from the retrained network in memory, with the forget jobs' method, preparing its state
-    for that network in a scratch folder of the target version (deleted after)."""
+@dataclass
+class _CatchUp:
+    """A forget method with its state prepared, in memory only, for the retrained network (``key``: the method's
+    name and options, as :func:`_catch_up_method` chose them)."""
+
+    key: tuple[str, str]
+    method: Any
+    plan: Any
+    view: Any
+    prepare_s: float
+
+
+def _prepare_catch_up(run: _Run, trained: Trained, stale: set[str], ready: _CatchUp | None = None) -> _CatchUp:
+    """The catch-up's method for ``stale``, its state prepared for the retrained network (``ready`` when that one
+    already is for the same method). In memory only: the state holds features of samples being forgotten."""
+    import json
     import time
 
-    from tmu_core.forget.artifacts import plan_data, prepare
+    from tmu_core.forget.artifacts import plan_data
     from tmu_core.preprocess import Preprocess
     from tmu_core.unlearn import UnlearnData, get_method
 
+    name, options, _ = _catch_up_method(run, stale)
+    key = (name, json.dumps(options, sort_keys=True))
+    if ready is not None and ready.key == key:
+        return ready
     started = time.perf_counter()
-    name, options, jobs = _catch_up_method(run, stale)
     method = get_method(name, **options)
     plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids)
     view = run.index.view(Preprocess.from_meta(trained.meta))
-    folder = run.workspace.version_dir(run.job.model, target) / "catch-up"
+    method.prepare(trained.model, trained.meta, UnlearnData(view, (), plan.train_ids, plan.twin_ids), run.device)
+    return _CatchUp(key, method, plan, view, time.perf_counter() - started)
+
+
+def _catch_up(run: _Run, trained: Trained, stale: set[str], ready: _CatchUp | None) -> Trained:
+    """Unlearn ``stale`` from the retrained network in memory, with the forget jobs' method."""
+    import time
+
+    from tmu_core.unlearn import UnlearnData
+
+    started = time.perf_counter()
+    state = _prepare_catch_up(run, trained, stale, ready)
+    name, options, jobs = _catch_up_method(run, stale)
     forget = tuple(sorted(stale))
-    retain = tuple(i for i in plan.train_ids if i not in stale)
-    try:
-        prepare_s = prepare(method, trained.model, trained.meta, view, plan, run.device, folder)
-        data = UnlearnData(view, forget, retain, plan.twin_ids)
-        outcome = method.unlearn(trained.model, trained.meta, data, run.device, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    retain = tuple(i for i in state.plan.train_ids if i not in stale)
+    data = UnlearnData(state.view, forget, retain, state.plan.twin_ids)
+    outcome = state.method.unlearn(trained.model, trained.meta, data, run.device)
     caught_up = {"method": name, "options": options, "samples": len(forget), "forget_jobs": jobs,
                  "predicted_hard": None if outcome.predicted_hard_ids is None else len(outcome.predicted_hard_ids),
-                 "prepare_s": round(prepare_s, 3), "seconds": round(time.perf_counter() - started, 3)}
+                 "prepared_before_lock": state is ready, "prepare_s": round(state.prepare_s, 3),
+                 "seconds": round(time.perf_counter() - started, 3)}
     logger.info("job=%s: %d samples were forgotten while it trained; caught up with %s", run.job.id, len(forget), name)
     return replace(trained, ids=retain, model=outcome.model, caught_up=caught_up)
 
@@ -192,7 +217,10 @@ def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
     from tmu_core.state.locks import model_lock
 
     trained = run.step("train", lambda: _train(run))
-    retrained = trained.model
+    retrained, ready = trained.model, None
+    early = _stale(run, trained.ids)
+    if early:  # forgotten during the training: prepare the catch-up's state before taking the lock
+        ready = run.step("prepare", lambda: _prepare_catch_up(run, trained, early))
     locks.enter_context(model_lock(run.workspace, run.job.model, blocking=True, holder=run.job.id))
     current = run.store.versions.require_serving(run.job.model)
     target = run.store.versions.reserve(run.job.model, run.job.id)
@@ -200,7 +228,7 @@ def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
     run.store.jobs.set_fields(run.job.id, from_version=current.version, to_version=target)
     stale = _stale(run, trained.ids)
     if stale:
-        trained = run.step("catch_up", lambda: _catch_up(run, target, trained, stale))
+        trained = run.step("catch_up", lambda: _catch_up(run, trained, stale, ready))
     metrics = run.step("evaluate", lambda: _evaluate(run, current, trained, retrained))
     saved = run.step("save", lambda: _save(run, target, trained))
     loaded = _Target(current, target)
