@@ -16,8 +16,9 @@ from tmu_core.cli import cli
 from tmu_core.cli import evaluate_cmd  # noqa: F401  attaches the evaluate command
 from tmu_core.errors import InvalidInputError
 from tmu_core.evaluate import MethodSpec, builtin_protocol, customize, format_table, run_protocol
-from tmu_core.evaluate.cache import open_index
+from tmu_core.evaluate.cache import model_key, open_index
 from tmu_core.evaluate.report import CSV_COLUMNS
+from tmu_core.evaluate.splits import draw_forget_sets
 from tmu_core.train import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -156,6 +157,13 @@ def test_cli_prints_the_table(run, tmp_path, cache_dir):
         (["--variant", "fisher:alpha"], "'alpha' is not key=value"),
         (["--classes", "12"], "forget class 12 does not exist"),
         (["--forget-size", "500"], "accepted 1.."),
+        (["--forget-shape", "blob"], "unknown forget shape 'blob'; accepted: class, random, owner"),
+        (["--owners", "2"], "--owners applies to the owner forget shape, not to class (--forget-shape)"),
+        (["--forget-shape", "random", "--forget-size", "5"], "--forget-size applies to the class forget shape"),
+        (["--experiments", "2"], "--experiments applies to the random and owner forget shapes, not to class"),
+        (["--forget-shape", "random", "--forget-fraction", "1.5"], "forget_fraction must be a number in (0, 1)"),
+        (["--forget-shape", "random", "--forget-fraction", "0.0001"], "accepted: a fraction that gives 1.."),
+        (["--forget-shape", "owner", "--owners", "300", "--experiments", "5"], "accepted: owners x experiments"),
     ],
 )
 def test_cli_rejects_bad_options(args, message, tmp_path, cache_dir):
@@ -223,3 +231,76 @@ def test_a_protocol_reads_the_index_through_its_preprocessing(run, tmp_path, cac
     assert meta.image_size == 12 and meta.preprocess == {"size": 12, "resize": None, "channels": 1,
                                                           "interpolation": "bilinear"}
     assert {r.method for r in result.rows} >= {"original", "gold", "tmu"}
+
+
+def test_results_record_the_class_shape(run):
+    result, _, _, _ = run
+    assert result.protocol["forget_shape"] == "class" and result.protocol["experiments"] is None
+    assert all(row.class_name == "3" for row in result.rows)  # the digits class names
+    assert all("forget_shape" not in row.details for row in result.rows)
+
+
+def test_owner_batches_run_as_experiments_named_by_their_shape(run, tmp_path, cache_dir):
+    protocol = replace(_tiny_protocol(), forget_shape="owner", owners=3, experiments=2,
+                       methods=(MethodSpec("finetune", "finetune", {"epochs": 1}),))
+    result = run_protocol(protocol, tmp_path, CPU, cache_dir=cache_dir, progress=False)
+    assert result.originals[0].cached  # the same original as the class run
+    assert [(row.class_name, row.method) for row in result.rows] == [
+        (name, label) for name in ("owners3-0", "owners3-1") for label in ("original", "gold", "gold-floor",
+                                                                           "finetune")]
+    assert all(row.forget_class is None and len(row.details["owners"]) == 3 for row in result.rows)
+    sizes = [row.details["forget_samples"] for row in result.rows if row.method == "gold"]
+    assert result.splits.forget == round(sum(sizes) / 2)
+    assert [row.runs for row in result.means] == [2] * 4
+    table = (tmp_path / "results.txt").read_text()
+    assert "forget 3 owner(s) of a synthetic owner map" in table and "in each of 2 experiment(s)" in table
+    assert f"owners3-0: {sizes[0]} samples from " in table and "owners3-1: " in table
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["protocol"]["forget_shape"] == "owner" and data["rows"][0]["class_name"] == "owners3-0"
+
+
+def test_gold_models_of_different_shapes_are_cached_apart(cache_dir):
+    protocol = _tiny_protocol()
+    index = open_index(protocol.source, cache_dir)
+    try:
+        train = index.ids("train")
+        draws = [*draw_forget_sets(index, "class", 0, classes=[3], size=15),
+                 *draw_forget_sets(index, "random", 0, fraction=0.01, experiments=2),
+                 *draw_forget_sets(index, "owner", 0, owners=1, experiments=2)]
+        keys = set()
+        for draw in draws:
+            forget = set(draw.forget_ids)
+            retain = [sample for sample in train if sample not in forget]
+            keys.add(model_key(protocol.arch, protocol.train, protocol.source, index.fingerprint(retain)))
+    finally:
+        index.close()
+    assert len(keys) == len(draws)
+
+
+def test_cli_runs_the_random_shape(run, tmp_path, cache_dir):
+    args = ["evaluate", "--protocol", "digits-tiny", "--methods", "neg_grad", "--epochs", "4",
+            "--forget-shape", "random", "--forget-fraction", "0.02", "--out", str(tmp_path / "cli"),
+            "--cache-dir", str(cache_dir), "--device", "cpu", "--no-progress"]
+    outcome = CliRunner().invoke(cli, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert "random training samples (2% of the training set) in each of 1 experiment(s)" in outcome.output
+    assert "\nrandom-2%-0: " in outcome.output and "\nneg_grad " in outcome.output
+
+
+def test_protocol_and_customize_check_the_forget_shape():
+    base = builtin_protocol("digits-tiny")
+    assert base.forget_shape == "class" and base.experiment_count == 1
+    assert replace(base, forget_shape="random", experiments=4).experiment_count == 4
+    assert replace(base, forget_shape="owner", forget_classes=(1, 2)).experiment_count == 2
+    with pytest.raises(InvalidInputError, match="unknown forget shape 'owners'; accepted: class, random, owner"):
+        replace(base, forget_shape="owners")
+    with pytest.raises(InvalidInputError, match="experiments applies to the random and owner forget shapes"):
+        replace(base, experiments=2)
+    with pytest.raises(InvalidInputError, match="owners: every value must be an integer >= 1"):
+        replace(base, forget_shape="owner", owners=0)
+    protocol = customize(base, forget_shape="owner", owners=5, experiments=3)
+    assert (protocol.forget_shape, protocol.owners, protocol.experiments) == ("owner", 5, 3)
+    with pytest.raises(InvalidInputError, match="--classes applies to the class forget shape, not to owner"):
+        customize(base, forget_shape="owner", classes=[1])
+    with pytest.raises(InvalidInputError, match="--forget-fraction applies to the random forget shape"):
+        customize(replace(base, forget_shape="owner"), forget_fraction=0.1)

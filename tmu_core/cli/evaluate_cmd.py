@@ -39,8 +39,17 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of cached indexes and trained models, shared between runs (default: <out>/cache).")
 @click.option("--methods", default=None, help="Comma-separated methods, e.g. tmu,finetune (default: the protocol's).")
-@click.option("--classes", default=None, help="Comma-separated forget classes, e.g. 3,8.")
-@click.option("--forget-size", type=click.IntRange(min=1), default=None, help="Forget samples per class.")
+@click.option("--classes", default=None, help="Comma-separated forget classes, e.g. 3,8 (class shape).")
+@click.option("--forget-size", type=click.IntRange(min=1), default=None, help="Forget samples per class (class shape).")
+@click.option("--forget-shape", default=None,
+              help="How forget sets are drawn: class (samples of one class, the default), random (a fraction of "
+                   "the training set over all classes) or owner (owners of 1..20 samples each).")
+@click.option("--forget-fraction", type=float, default=None,
+              help="Share of the training set each random experiment forgets (default 0.01).")
+@click.option("--owners", type=click.IntRange(min=1), default=None,
+              help="Owners per owner experiment, a merged batch when above 1 (default 1).")
+@click.option("--experiments", type=click.IntRange(min=1), default=None,
+              help="Forget sets per seed for the random and owner shapes (default: one per protocol forget class).")
 @click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Override the training epochs of the original and gold models.")
@@ -53,7 +62,8 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
                    "fisher:alpha=0.03); repeatable.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
-             methods: str | None, classes: str | None, forget_size: int | None, seeds: str | None,
+             methods: str | None, classes: str | None, forget_size: int | None, forget_shape: str | None,
+             forget_fraction: float | None, owners: int | None, experiments: int | None, seeds: str | None,
              epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
              variants: tuple[str, ...], progress: bool) -> None:
     """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
@@ -72,6 +82,10 @@ def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_
             feature_sets=[parse_list(subset) for subset in feature_sets],
             variants=variants,
             epochs=epochs,
+            forget_shape=forget_shape,
+            forget_fraction=forget_fraction,
+            owners=owners,
+            experiments=experiments,
         )
         out = out_dir if out_dir is not None else Path("runs") / protocol_name
         result = run_protocol(protocol, out, resolve_device(device), cache_dir=cache_dir, progress=progress)

@@ -1,9 +1,11 @@
 """Run an evaluation protocol end to end: original, gold and floor models, every method, every metric.
 
 For each seed: train (or read from the cache) the original model on all training ids; prepare each method
-once for it (timed apart from the requests). For each forget class: draw the forget ids, train (or read)
-the gold model on D_r and a second gold with another seed (the floor), run each method's forget request
-and score every model against the gold. The index is only read: the run works on ids.
+once for it (timed apart from the requests). For each experiment (a forget class, or a random or owner draw;
+see the protocol's forget shape): take the forget ids, train (or read) the gold model on D_r and a second gold
+with another seed (the floor), run each method's forget request and score every model against the gold. Gold
+and floor models are cached under the fingerprint of D_r, so each forget set has its own. The index is only
+read: the run works on ids.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from tmu_core.evaluate.scoring import (
     model_outputs,
     score,
 )
-from tmu_core.evaluate.splits import TestSplit, pick_forget_ids, split_test
+from tmu_core.evaluate.splits import ForgetDraw, TestSplit, draw_forget_sets, split_test
 from tmu_core.unlearn import UnlearnData, UnlearnMethod, get_method
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class _Run:
     protocol: Protocol
     source: MemorySource
     split: TestSplit
+    draws: Mapping[int, tuple[ForgetDraw, ...]]
     tensors: EvalTensors
     device: torch.device
     cache_dir: Path
@@ -129,7 +132,7 @@ def _reference_rows(run: _Run, forget_set: ForgetSet, original: TrainedModel, or
     yield make_row(RowInfo("original", "original", original.seconds), original_scores, gold_scores, forget_set)
     yield make_row(RowInfo("gold", "gold", gold.seconds), gold_scores, gold_scores, forget_set)
     floor_seed = forget_set.seed + run.protocol.floor_seed_offset
-    _step(run, f"seed {forget_set.seed} class {forget_set.forget_class}: floor gold (seed {floor_seed})")
+    _step(run, f"seed {forget_set.seed} {forget_set.title}: floor gold (seed {floor_seed})")
     floor = _train(run, forget_set.retain_ids, floor_seed, "floor")
     floor_scores = score(_outputs(run, floor.model), run.tensors, forget_set, run.protocol.mia_alpha)
     # Predicting "hard" where the floor gold errs measures how far two golds agree per sample.
@@ -148,7 +151,7 @@ def _is_gold_retrain(run: _Run, spec: MethodSpec, seed: int) -> bool:
 
 def _method_row(run: _Run, item: _Prepared, original: TrainedModel, data: UnlearnData, forget_set: ForgetSet,
                 gold: tuple[TrainedModel, Scores]) -> MethodResult:
-    _step(run, f"seed {forget_set.seed} class {forget_set.forget_class}: {item.spec.label}")
+    _step(run, f"seed {forget_set.seed} {forget_set.title}: {item.spec.label}")
     gold_model, gold_scores = gold
     if _is_gold_retrain(run, item.spec, forget_set.seed):
         # Training it again would repeat the gold's run; its cost is the gold's measured training time.
@@ -168,13 +171,11 @@ def _method_row(run: _Run, item: _Prepared, original: TrainedModel, data: Unlear
     return make_row(info, scores, gold_scores, forget_set)
 
 
-def _run_forget_set(run: _Run, seed: int, forget_class: int, original: TrainedModel, original_outputs: Outputs,
+def _run_forget_set(run: _Run, seed: int, draw: ForgetDraw, original: TrainedModel, original_outputs: Outputs,
                     prepared: list[_Prepared]) -> list[MethodResult]:
     protocol = run.protocol
-    forget_ids = pick_forget_ids(run.source, forget_class, protocol.forget_size, seed)
-    class_name = run.source.classes[forget_class]
-    forget_set = make_forget_set(run.tensors, seed, forget_class, class_name, forget_ids)
-    _step(run, f"seed {seed} class {forget_class} ({class_name}): gold")
+    forget_set = make_forget_set(run.tensors, seed, draw.forget_class, draw.name, draw.forget_ids, draw.details)
+    _step(run, f"seed {seed} {forget_set.title}: gold")
     gold = _train(run, forget_set.retain_ids, seed, "gold")
     gold_scores = score(_outputs(run, gold.model), run.tensors, forget_set, protocol.mia_alpha)
     original_scores = score(original_outputs, run.tensors, forget_set, protocol.mia_alpha)
@@ -202,8 +203,8 @@ def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]
                        "forgetting is barely measurable below that", seed, summary.train_accuracy)
     prepared = _prepare_methods(run, original, seed)
     rows = []
-    for forget_class in run.protocol.forget_classes:
-        rows += _run_forget_set(run, seed, forget_class, original, original_outputs, prepared)
+    for draw in run.draws[seed]:
+        rows += _run_forget_set(run, seed, draw, original, original_outputs, prepared)
     return summary, rows
 
 
@@ -212,16 +213,22 @@ def _tensors(source: MemorySource, split: TestSplit) -> EvalTensors:
     return EvalTensors(train_ids, split.eval_ids, source.labels(train_ids), source.labels(split.eval_ids))
 
 
-def _check_fits(protocol: Protocol, index: Any) -> None:
-    """Fail before any training when a forget class or the forget size does not fit the data."""
-    for seed in protocol.seeds:
-        for forget_class in protocol.forget_classes:
-            pick_forget_ids(index, forget_class, protocol.forget_size, seed)
+def _draws(protocol: Protocol, index: Any, seed: int) -> tuple[ForgetDraw, ...]:
+    """The forget sets of one seed in the protocol's shape (fails before any training when they do not fit)."""
+    return draw_forget_sets(index, protocol.forget_shape, seed, classes=protocol.forget_classes,
+                            size=protocol.forget_size, fraction=protocol.forget_fraction, owners=protocol.owners,
+                            experiments=protocol.experiment_count)
 
 
 def _steps(protocol: Protocol) -> int:
     per_class = 2 + len(protocol.methods)
-    return len(protocol.seeds) * (1 + len(protocol.methods) + len(protocol.forget_classes) * per_class)
+    return len(protocol.seeds) * (1 + len(protocol.methods) + protocol.experiment_count * per_class)
+
+
+def _forget_size(draws: Mapping[int, tuple[ForgetDraw, ...]]) -> int:
+    """Samples per forget set, averaged (rounded) over all of them where they differ (owner shape)."""
+    sizes = [len(draw.forget_ids) for seed_draws in draws.values() for draw in seed_draws]
+    return round(sum(sizes) / len(sizes))
 
 
 def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_dir: Path | None = None,
@@ -236,11 +243,11 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
         progress: show a progress bar on stderr.
 
     Returns:
-        The per-class rows, the mean rows, the original models' fit and the paths of the written files.
+        The per-experiment rows, the mean rows, the original models' fit and the paths of the written files.
 
     Raises:
-        InvalidInputError: the data is missing, a forget class or size does not fit the data, or a method
-            rejects its options.
+        InvalidInputError: the data is missing, a forget set (class, size, fraction, owners) does not fit the
+            data, or a method rejects its options.
     """
     started = time.perf_counter()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache"
@@ -248,13 +255,13 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
     index = open_index(protocol.source, cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix="evaluate-", dir=cache_dir))
     try:
-        _check_fits(protocol, index)
+        draws = {seed: _draws(protocol, index, seed) for seed in protocol.seeds}
         split = split_test(index, protocol.twin_fraction, protocol.split_seed)
         preprocess = protocol.source.preprocess(index.image_shape[0] if index.image_shape else 3)
         reader = index if preprocess is None else index.view(preprocess)
         source = MemorySource(reader, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
         with tqdm(total=_steps(protocol), disable=not progress, unit="step") as bar:
-            run = _Run(protocol, source, split, _tensors(source, split), device, cache_dir, workdir, bar)
+            run = _Run(protocol, source, split, draws, _tensors(source, split), device, cache_dir, workdir, bar)
             results = [_run_seed(run, seed) for seed in protocol.seeds]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -263,7 +270,7 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
     result = ProtocolResult(
         protocol=protocol.to_dict(),
         device=str(device),
-        splits=SplitSummary(len(run.tensors.train_ids), len(split.twin_ids), len(split.eval_ids), protocol.forget_size),
+        splits=SplitSummary(len(run.tensors.train_ids), len(split.twin_ids), len(split.eval_ids), _forget_size(draws)),
         originals=tuple(summary for summary, _ in results),
         rows=rows,
         means=mean_rows(rows),

@@ -12,6 +12,10 @@ Built-in protocols:
 
 The test split is cut in two, per class: the twin part (``UnlearnData.twin_ids``, used by TMU's twin problem)
 and the eval part, which no method ever sees; ACC_Dtest and the membership attack's non-members use the eval part.
+
+Every built-in protocol forgets samples of one class per experiment (forget shape ``class``); ``forget_shape``
+``random`` forgets a fraction of the training set over all classes and ``owner`` one owner or a batch of owners of
+a synthetic owner map, ``experiments`` forget sets per seed (default: as many as there are forget classes).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tmu_core.errors import InvalidInputError
+from tmu_core.evaluate.splits import FORGET_SHAPES
 from tmu_core.preprocess import Preprocess
 from tmu_core.train import TrainConfig
 from tmu_core.unlearn import get_method, parse_method_spec
@@ -110,8 +115,16 @@ class Protocol:
         source: the data.
         arch: model architecture (``tmu_core.models`` registry name).
         train: recipe of the original, gold and floor models; its ``seed`` is replaced per run.
-        forget_classes: classes to draw a forget set from, one experiment each.
-        forget_size: forget samples per class.
+        forget_classes: classes to draw a forget set from, one experiment each (``class`` shape); for the other
+            shapes their number is the default number of experiments.
+        forget_size: forget samples per class (``class`` shape).
+        forget_shape: how forget sets are drawn: ``class`` (``forget_size`` samples of one class),
+            ``random`` (``forget_fraction`` of the training set over all classes) or ``owner`` (``owners``
+            owners of a synthetic owner map of 1 to 20 samples each); see ``splits.draw_forget_sets``.
+        forget_fraction: share of the training set each ``random`` experiment forgets.
+        owners: owners per ``owner`` experiment (a merged batch of requests when above 1).
+        experiments: forget sets per seed for the ``random`` and ``owner`` shapes (``None``: one per entry of
+            ``forget_classes``); the ``class`` shape runs one per forget class and takes no other count.
         seeds: seeds of the original model and of the forget-set draws; one full run per seed.
         methods: the methods (rows) to run.
         twin_fraction: share of each class's test images given to the twin part; the rest is the eval part.
@@ -127,6 +140,10 @@ class Protocol:
     train: TrainConfig
     forget_classes: tuple[int, ...]
     forget_size: int
+    forget_shape: str = "class"
+    forget_fraction: float = 0.01
+    owners: int = 1
+    experiments: int | None = None
     seeds: tuple[int, ...] = (0,)
     methods: tuple[MethodSpec, ...] = ()
     twin_fraction: float = 0.5
@@ -142,6 +159,7 @@ class Protocol:
         _check_ints("forget_classes", self.forget_classes, 0)
         _check_ints("seeds", self.seeds, 0)
         _check_ints("forget_size", (self.forget_size,), 1)
+        _check_shape(self)
         _check_ints("floor_seed_offset", (self.floor_seed_offset,), 1)
         _check_ints("eval_batch_size", (self.eval_batch_size,), 1)
         if not 0.0 < self.twin_fraction < 1.0:
@@ -152,6 +170,13 @@ class Protocol:
         from tmu_core.models import build_model
 
         build_model(self.arch, 2, 3, 32)  # raises for an unknown arch, listing the valid ones
+
+    @property
+    def experiment_count(self) -> int:
+        """Forget sets per seed: one per forget class, or ``experiments`` for the ``random`` and ``owner`` shapes."""
+        if self.forget_shape == "class" or self.experiments is None:
+            return len(self.forget_classes)
+        return self.experiments
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form (the ``protocol`` entry of ``results.json``)."""
@@ -166,6 +191,21 @@ def _check_ints(name: str, values: Sequence[Any], low: int) -> None:
             raise InvalidInputError(f"{name}: every value must be an integer >= {low}, got {value!r}")
     if len(set(values)) != len(values):
         raise InvalidInputError(f"{name} lists a value more than once: {list(values)}")
+
+
+def _check_shape(protocol: Protocol) -> None:
+    if protocol.forget_shape not in FORGET_SHAPES:
+        raise InvalidInputError(
+            f"unknown forget shape {protocol.forget_shape!r}; accepted: {', '.join(FORGET_SHAPES)}")
+    fraction = protocol.forget_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise InvalidInputError(f"forget_fraction must be a number in (0, 1), e.g. 0.01 for 1%, got {fraction!r}")
+    _check_ints("owners", (protocol.owners,), 1)
+    if protocol.experiments is not None:
+        if protocol.forget_shape == "class":
+            raise InvalidInputError("experiments applies to the random and owner forget shapes; the class shape "
+                                    "runs one experiment per forget class (choose them with forget_classes)")
+        _check_ints("experiments", (protocol.experiments,), 1)
 
 
 def _check_methods(methods: Sequence[MethodSpec]) -> None:
@@ -329,6 +369,10 @@ def customize(
     feature_sets: Sequence[Sequence[str]] = (),
     variants: Sequence[str] = (),
     epochs: int | None = None,
+    forget_shape: str | None = None,
+    forget_fraction: float | None = None,
+    owners: int | None = None,
+    experiments: int | None = None,
 ) -> Protocol:
     """A copy of ``protocol`` with some choices replaced (the CLI's overrides).
 
@@ -343,10 +387,19 @@ def customize(
         variants: extra rows as ``method:key=value,...`` (e.g. ``tmu:cf_per_request=true``), each labelled
             with its own text.
         epochs: training epochs of the original and gold models.
+        forget_shape: ``class``, ``random`` or ``owner`` (see :class:`Protocol`).
+        forget_fraction: share of the training set per ``random`` experiment (SalUn uses 0.01 and 0.1).
+        owners: owners per ``owner`` experiment.
+        experiments: forget sets per seed for the ``random`` and ``owner`` shapes.
 
     Raises:
-        InvalidInputError: any value the protocol rejects, or ablations asked for without ``tmu``.
+        InvalidInputError: any value the protocol rejects, ablations asked for without ``tmu``, or an option
+            that the forget shape does not take (e.g. ``forget_size`` with ``random``).
     """
+    shape = forget_shape if forget_shape is not None else protocol.forget_shape
+    _check_shape_options(shape, {"--classes": classes, "--forget-size": forget_size,
+                                 "--forget-fraction": forget_fraction, "--owners": owners,
+                                 "--experiments": experiments})
     names = list(methods) if methods is not None else [spec.name for spec in protocol.methods]
     if (noise_levels or feature_sets) and "tmu" not in names:
         raise InvalidInputError("--noise and --features configure TMU; add tmu to --methods")
@@ -369,4 +422,21 @@ def customize(
         changes["seeds"] = tuple(seeds)
     if epochs is not None:
         changes["train"] = replace(protocol.train, epochs=epochs)
+    shape_options = {"forget_shape": forget_shape, "forget_fraction": forget_fraction, "owners": owners,
+                     "experiments": experiments}
+    changes.update({name: value for name, value in shape_options.items() if value is not None})
     return replace(protocol, **changes)
+
+
+_SHAPE_OPTIONS = {"--classes": ("class",), "--forget-size": ("class",), "--forget-fraction": ("random",),
+                  "--owners": ("owner",), "--experiments": ("random", "owner")}
+
+
+def _check_shape_options(shape: str, given: Mapping[str, Any]) -> None:
+    """Refuse an option the forget shape would ignore, naming the shapes that take it."""
+    for option, value in given.items():
+        shapes = _SHAPE_OPTIONS[option]
+        if value is not None and shape in FORGET_SHAPES and shape not in shapes:
+            raise InvalidInputError(
+                f"{option} applies to the {' and '.join(shapes)} forget shape{'s' if len(shapes) > 1 else ''}, "
+                f"not to {shape} (--forget-shape)")

@@ -6,12 +6,13 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tmu_core.evaluate.results import MethodResult, ProtocolResult
+from tmu_core.evaluate.splits import OWNER_MAX_SAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,24 @@ def _section(title: str, rows: Sequence[MethodResult]) -> list[str]:
     return [title, _HEADER, *(format_row(row) for row in rows), ""]
 
 
+def _forget_text(proto: Mapping[str, Any], forget: int) -> str:
+    """What each experiment forgets, by forget shape (results written before shapes existed are ``class``)."""
+    shape = proto.get("forget_shape", "class")
+    experiments = proto.get("experiments") or len(proto["forget_classes"])
+    if shape == "random":
+        return (f"forget {forget} random training samples ({proto['forget_fraction'] * 100:g}% of the training "
+                f"set) in each of {experiments} experiment(s)")
+    if shape == "owner":
+        return (f"forget {proto['owners']} owner(s) of a synthetic owner map (1..{OWNER_MAX_SAMPLES} samples an "
+                f"owner; {forget} samples on average) in each of {experiments} experiment(s)")
+    return f"forget {forget} samples from each of classes {', '.join(str(c) for c in proto['forget_classes'])}"
+
+
 def _preamble(result: ProtocolResult) -> list[str]:
     proto, splits = result.protocol, result.splits
     lines = [
-        f"protocol {proto['name']}: arch {proto['arch']}, forget {splits.forget} samples from each of classes "
-        f"{', '.join(str(c) for c in proto['forget_classes'])}, seeds {', '.join(str(s) for s in proto['seeds'])}, "
+        f"protocol {proto['name']}: arch {proto['arch']}, {_forget_text(proto, splits.forget)}, "
+        f"seeds {', '.join(str(s) for s in proto['seeds'])}, "
         f"device {result.device}, wall {result.wall_seconds:.0f} s",
         f"splits: train {splits.train}; test split into twin {splits.twin} (only TMU's twin problem sees it) and "
         f"eval {splits.eval} (never seen by any method)",
@@ -67,8 +81,28 @@ def _preamble(result: ProtocolResult) -> list[str]:
     return lines + [""]
 
 
+def _experiment_key(row: MethodResult) -> tuple[int | None, int | None, str]:
+    """(seed, forget class, class or experiment name): one forget set of one seed."""
+    return row.seed, row.forget_class, row.class_name
+
+
+def _experiments(rows: Sequence[MethodResult]) -> dict[tuple[int | None, int | None, str], list[MethodResult]]:
+    sections: dict[tuple[int | None, int | None, str], list[MethodResult]] = {}
+    for row in rows:
+        sections.setdefault(_experiment_key(row), []).append(row)
+    return sections
+
+
+def _section_title(forget_class: int | None, name: str, seed: int | None, rows: Sequence[MethodResult]) -> str:
+    if forget_class is not None:
+        return f"class {forget_class} ({name}), seed {seed}"
+    details = rows[0].details
+    spread = f"{details.get('forget_samples')} samples from {details.get('classes_spanned')} classes"
+    return f"{name}: {spread}, seed {seed}"
+
+
 def format_table(result: ProtocolResult) -> str:
-    """The paper-style table: a section per (seed, forget class) and the mean over all of them.
+    """The paper-style table: a section per (seed, experiment) and the mean over all of them.
 
     Args:
         result: a finished protocol run.
@@ -77,11 +111,9 @@ def format_table(result: ProtocolResult) -> str:
         Multi-line text, ready to print.
     """
     lines = _preamble(result)
-    sections: dict[tuple[int | None, int | None], list[MethodResult]] = {}
-    for row in result.rows:
-        sections.setdefault((row.seed, row.forget_class), []).append(row)
-    for (seed, forget_class), rows in sections.items():
-        lines += _section(f"class {forget_class} ({rows[0].class_name}), seed {seed}", rows)
+    sections = _experiments(result.rows)
+    for (seed, forget_class, name), rows in sections.items():
+        lines += _section(_section_title(forget_class, name, seed, rows), rows)
     lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means))
     return "\n".join(lines)
 
@@ -118,10 +150,10 @@ def write_csv(result: ProtocolResult, path: Path) -> None:
 
 
 def _delta_panel(ax: Any, result: ProtocolResult, labels: list[str]) -> None:
-    sets = sorted({(row.seed, row.forget_class, row.class_name) for row in result.rows}, key=str)
+    sets = sorted({_experiment_key(row) for row in result.rows}, key=str)
     width = 0.8 / (len(sets) + 1)
     for position, (seed, forget_class, class_name) in enumerate(sets):
-        by_label = {r.method: r.delta for r in result.rows if (r.seed, r.forget_class) == (seed, forget_class)}
+        by_label = {r.method: r.delta for r in result.rows if _experiment_key(r) == (seed, forget_class, class_name)}
         xs = [i + position * width for i in range(len(labels))]
         ax.bar(xs, [by_label.get(label, 0.0) for label in labels], width, label=f"{class_name} (s{seed})")
     mean_delta = {row.method: row.delta for row in result.means}
@@ -129,7 +161,8 @@ def _delta_panel(ax: Any, result: ProtocolResult, labels: list[str]) -> None:
     ax.bar(xs, [mean_delta[label] for label in labels], width, label="mean", color="black")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=40, ha="right")
     ax.set_ylabel("Delta = |ACC_Df - gold ACC_Df| (points)")
-    ax.set_title("Alignment gap per method and forget class")
+    spans = any(row.forget_class is None for row in result.rows)
+    ax.set_title(f"Alignment gap per method and forget {'set' if spans else 'class'}")
     ax.legend(fontsize=7)
 
 
@@ -167,7 +200,7 @@ def write_figure(result: ProtocolResult, path: Path) -> None:
 def gold_acc(result: ProtocolResult, row: MethodResult) -> float:
     """The gold model's ACC_Df for the forget set of ``row``."""
     for candidate in result.rows:
-        if candidate.kind == "gold" and (candidate.seed, candidate.forget_class) == (row.seed, row.forget_class):
+        if candidate.kind == "gold" and _experiment_key(candidate) == _experiment_key(row):
             return candidate.acc_df
     return float("nan")
 

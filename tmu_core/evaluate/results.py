@@ -1,4 +1,4 @@
-"""Frozen result types of an evaluation run, and the averaging of per-class rows into mean rows."""
+"""Frozen result types of an evaluation run, and the averaging of per-experiment rows into mean rows."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ class MethodResult:
     Attributes:
         method: row label (``"original"``, ``"gold"``, ``"gold-floor"`` or a method variant such as ``"tmu"``).
         kind: one of ``original``, ``gold``, ``floor`` (the gold retrained with another seed), ``method``.
-        forget_class: the class the forget set was drawn from; ``None`` on a mean row.
-        class_name: that class's name, or ``"mean"``.
+        forget_class: the class the forget set was drawn from; ``None`` on a mean row and for the forget shapes
+            whose sets span classes (``random``, ``owner``).
+        class_name: that class's name, the experiment's name for those shapes (``random-1%-0``, ``owner-0``),
+            or ``"mean"``.
         seed: the seed of the original model and of the forget-set draw; ``None`` on a mean row.
         acc_dtest: accuracy (%) on the eval split of the test set, which no method ever sees.
         acc_df: accuracy (%) on the forget set D_f.
@@ -30,7 +32,7 @@ class MethodResult:
             ``None`` for models that predict no such labels. On the floor row: how often the two golds agree.
         seconds: wall time of the unlearning request, or of the training for original/gold/floor rows.
         prepare_seconds: wall time of the method's per-model preparation (not part of ``seconds``).
-        runs: how many (seed, class) rows a mean row averages; 1 otherwise.
+        runs: how many (seed, experiment) rows a mean row averages; 1 otherwise.
         details: what the method reported about itself (JSON-compatible).
     """
 
@@ -76,7 +78,7 @@ class OriginalSummary:
 
 @dataclass(frozen=True)
 class SplitSummary:
-    """Sizes of the splits a run used (the forget set size is per class)."""
+    """Sizes of the splits a run used (the forget set size is per experiment, averaged where sizes differ)."""
 
     train: int
     twin: int
@@ -93,8 +95,8 @@ class ProtocolResult:
         device: the device the run used.
         splits: split sizes.
         originals: one summary per seed.
-        rows: one row per (seed, forget class, model), in run order.
-        means: one row per model label, averaged over all (seed, class) rows.
+        rows: one row per (seed, experiment, model), in run order.
+        means: one row per model label, averaged over all (seed, experiment) rows.
         wall_seconds: wall time of the whole run.
         files: names of the written files (``json``, ``csv``, ``png``) mapped to their paths.
     """
@@ -117,10 +119,10 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def mean_rows(rows: Sequence[MethodResult]) -> tuple[MethodResult, ...]:
-    """Average rows with the same label over all (seed, class) pairs, keeping first-seen order.
+    """Average rows with the same label over all (seed, experiment) pairs, keeping first-seen order.
 
     Args:
-        rows: per-class rows.
+        rows: per-experiment rows.
 
     Returns:
         One mean row per label with ``forget_class=None``, ``class_name="mean"`` and ``runs`` set.

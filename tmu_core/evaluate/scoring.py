@@ -95,15 +95,27 @@ class Outputs:
 
 @dataclass(frozen=True)
 class ForgetSet:
-    """One forget experiment: the forget ids and their rows among the training ids."""
+    """One forget experiment: the forget ids and their rows among the training ids.
+
+    ``forget_class`` is ``None`` and ``class_name`` the experiment's name (``random-1%-0``, ``owner-0``) for the
+    forget shapes whose sets span classes; ``details`` describes such a draw and is added to every row.
+    """
 
     seed: int
-    forget_class: int
+    forget_class: int | None
     class_name: str
     forget_ids: tuple[str, ...]
     retain_ids: tuple[str, ...]
     forget_rows: torch.Tensor
     retain_rows: torch.Tensor
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """How logs and tables name the experiment: ``class 3 (cat)`` or ``random-1%-0``."""
+        if self.forget_class is None:
+            return self.class_name
+        return f"class {self.forget_class} ({self.class_name})"
 
 
 @dataclass(frozen=True)
@@ -119,15 +131,16 @@ class Scores:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-def make_forget_set(tensors: EvalTensors, seed: int, forget_class: int, class_name: str,
-                    forget_ids: Sequence[str]) -> ForgetSet:
+def make_forget_set(tensors: EvalTensors, seed: int, forget_class: int | None, class_name: str,
+                    forget_ids: Sequence[str], details: Mapping[str, Any] | None = None) -> ForgetSet:
     """Locate ``forget_ids`` among the training ids and derive D_r (the rest)."""
     forget = set(forget_ids)
     position = {sample: row for row, sample in enumerate(tensors.train_ids)}
     forget_rows = torch.tensor([position[sample] for sample in forget_ids], dtype=torch.long)
     retain = [sample for sample in tensors.train_ids if sample not in forget]
     retain_rows = torch.tensor([position[sample] for sample in retain], dtype=torch.long)
-    return ForgetSet(seed, forget_class, class_name, tuple(forget_ids), tuple(retain), forget_rows, retain_rows)
+    return ForgetSet(seed, forget_class, class_name, tuple(forget_ids), tuple(retain), forget_rows, retain_rows,
+                     dict(details or {}))
 
 
 def model_outputs(model: nn.Module, source: MemorySource, tensors: EvalTensors, device: torch.device,
@@ -148,8 +161,8 @@ def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: 
     non_finite = int((~torch.isfinite(outputs.train_logits)).any(dim=1).sum()) + int(
         (~torch.isfinite(outputs.eval_logits)).any(dim=1).sum())
     if non_finite:
-        logger.warning("class=%d seed=%d: %d sample(s) got NaN or infinite logits; their metrics are not meaningful",
-                       forget_set.forget_class, forget_set.seed, non_finite)
+        logger.warning("%s seed=%d: %d sample(s) got NaN or infinite logits; their metrics are not meaningful",
+                       forget_set.title, forget_set.seed, non_finite)
     attack = loss_threshold_attack(
         sample_losses(forget_logits, forget_labels), sample_losses(outputs.eval_logits, tensors.eval_labels), alpha
     )
@@ -204,5 +217,5 @@ def make_row(info: RowInfo, scores: Scores, gold: Scores, forget_set: ForgetSet)
         acc_gl=acc_gl,
         seconds=info.seconds,
         prepare_seconds=info.prepare_seconds,
-        details={**scores.details, **info.details},
+        details={**forget_set.details, **scores.details, **info.details},
     )
