@@ -485,7 +485,11 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     rows = result["rows"]
     scored = rows + ([result["end"]] if result["end"] else [])
     single = rows[1].get("request_to_serving_s") if len(rows) > 1 else None
-    times = [r["request_to_serving_s"] for r in rows[2:] if r.get("request_to_serving_s") is not None]
+    # a request whose job found nothing left to do (held, then covered by an exact retrain) has no server-side
+    # timing: its time is the client's wait for it
+    times = [r["request_to_serving_s"] if r.get("request_to_serving_s") is not None else r.get("wait_s")
+             for r in rows[2:]]
+    times = [t for t in times if t is not None]
     median = statistics.median(times) if times else None
     golds = [r for r in scored if r["acc_test_gold"] is not None]
     gaps = [r["acc_test_gold"] - r["acc_test"] for r in golds]
