@@ -60,6 +60,31 @@ def drift_options(command: Any) -> Any:
     return command
 
 
+def executor_options(command: Any) -> Any:
+    """Where forget jobs' compute runs, for the commands that start the extension."""
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: in the job's worker process; ray: in a warm per-model actor on a Ray cluster."),
+        click.option("--ray-address", default=None, help="The Ray cluster's address (HOST:PORT) for --executor ray."),
+        click.option("--ray-num-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="CPUs each model's actor asks for (and its torch threads)."),
+        click.option("--ray-num-gpus", type=click.FloatRange(min=0), default=None,
+                     help="GPUs each model's actor asks for (default: 1 when the cluster has a GPU, else 0)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def executor_settings(executor: str, ray_address: str | None, ray_num_cpus: float,
+                      ray_num_gpus: float | None) -> Any:
+    """The :class:`tmu_core.forget.executor.ExecutorSettings` of :func:`executor_options`."""
+    from tmu_core.forget.executor import ExecutorSettings
+
+    return ExecutorSettings(kind=executor, ray_address=ray_address, ray_num_cpus=ray_num_cpus,
+                            ray_num_gpus=ray_num_gpus)
+
+
 def _points(name: str, text: str) -> float | None:
     from tmu_core.errors import InvalidInputError
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from tmu_core.cli import cli
-from tmu_core.cli.common import drift_options, drift_policy, echo_json, parse_list, tmu_errors
+from tmu_core.cli.common import drift_options, drift_policy, echo_json, executor_options, executor_settings, parse_list, tmu_errors
 from tmu_core.config import Workspace
 
 
@@ -227,9 +227,11 @@ def extension_group() -> None:
 @click.option("--device", default="auto", show_default=True, help="Where jobs run: auto, cpu, cuda, cuda:N.")
 @click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
 @drift_options
+@executor_options
 @click.pass_obj
 def extension_start(workspace: Workspace, port: int, device: str, retention: str, drift_budget: str,
-                    retrain_after_forgets: int | None, retrain_after: str | None, drift_hold: str) -> None:
+                    retrain_after_forgets: int | None, retrain_after: str | None, drift_hold: str, executor: str,
+                    ray_address: str | None, ray_num_cpus: float, ray_num_gpus: float | None) -> None:
     """Start the extension service in the background (loopback, token in <home>/serve/extension.key)."""
     from tmu_core.forget.dispatcher import WorkerSettings
     from tmu_core.service import server
@@ -237,7 +239,8 @@ def extension_start(workspace: Workspace, port: int, device: str, retention: str
 
     with tmu_errors():
         worker = WorkerSettings(device=device, retention_s=parse_duration(retention).total_seconds(),
-                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold))
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
+                                executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
         info = server.start(workspace, server.ServiceConfig(port=port, worker=worker))
     echo_json(info)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tmu_core.cli import cli
-from tmu_core.cli.common import drift_options, drift_policy, echo_json, tmu_errors
+from tmu_core.cli.common import drift_options, drift_policy, echo_json, executor_options, executor_settings, tmu_errors
 from tmu_core.config import Workspace
 from tmu_core.serving.archive import package_version
 from tmu_core.state.versions import VersionRegistry
@@ -84,10 +84,12 @@ def serve_group() -> None:
 @click.option("--no-extension", is_flag=True, help="Start TorchServe only, not the management extension.")
 @click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
 @drift_options
+@executor_options
 @click.pass_obj
 def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
                 no_extension: bool, retention: str, drift_budget: str, retrain_after_forgets: int | None,
-                retrain_after: str | None, drift_hold: str) -> None:
+                retrain_after: str | None, drift_hold: str, executor: str, ray_address: str | None,
+                ray_num_cpus: float, ray_num_gpus: float | None) -> None:
     """Start what is not running of TorchServe and the management extension; wait until every model is READY.
 
     A TorchServe that runs is kept (a model it lacks is registered); one that died is started again with each
@@ -99,7 +101,8 @@ def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path
         config = (TorchServeConfig.from_properties(config_path, workspace.model_store) if config_path
                   else TorchServeConfig(model_store=workspace.model_store))
         worker = WorkerSettings(retention_s=parse_duration(retention).total_seconds(),
-                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold))
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
+                                executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
         started = start_stack(workspace, config, list(models) or None, with_extension=not no_extension,
                               timeout=timeout, service=ServiceConfig(worker=worker))
     status, ext = started.torchserve, started.extension

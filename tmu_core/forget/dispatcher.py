@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tmu_core.config import Workspace
 from tmu_core.forget.drift import DriftPolicy, policy_flags
+from tmu_core.forget.executor import ExecutorSettings
 from tmu_core.service.swap import SwapSettings
 from tmu_core.state.jobs import Job, JobStore
 
@@ -46,6 +47,7 @@ class WorkerSettings:
         resume_delay_s: wait before a worker resumes a job that stopped after its commit.
         purge_every_s: how often versions past their retention are purged (and retrains due by age queued).
         drift: when forget jobs queue an exact retrain (passed to each worker); off by default.
+        executor: where forget jobs' compute runs (passed to each worker): the worker process by default.
     """
 
     device: str = "auto"
@@ -57,6 +59,7 @@ class WorkerSettings:
     resume_delay_s: float = 2.0
     purge_every_s: float = 60.0
     drift: DriftPolicy = DriftPolicy()
+    executor: ExecutorSettings = ExecutorSettings()
 
 
 def worker_log(workspace: Workspace, job_id: str) -> Path:
@@ -69,7 +72,7 @@ def worker_command(workspace: Workspace, job_id: str, settings: WorkerSettings) 
     cmd = [settings.python, "-m", "tmu_core.forget.worker", "--job", job_id, "--home", str(workspace.home),
            "--model-store", str(workspace.model_store), "--device", settings.device,
            "--retention-s", str(settings.retention_s), "--max-attempts", str(settings.max_attempts)]
-    cmd += policy_flags(settings.drift)
+    cmd += policy_flags(settings.drift) + settings.executor.flags()
     if settings.kill_at:
         cmd += ["--kill-at", settings.kill_at]
     return cmd

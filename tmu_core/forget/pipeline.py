@@ -27,6 +27,7 @@ from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
 from tmu_core.forget.commit import kill_point
 from tmu_core.forget.drift import DriftPolicy, drift_after
+from tmu_core.forget.executor import Executor, ExecutorSettings, LocalExecutor, make_executor
 from tmu_core.forget.retry import RetryPolicy
 from tmu_core.service.swap import SwapSettings
 from tmu_core.state.jobs import Job
@@ -59,6 +60,7 @@ class PipelineConfig:
         max_attempts: tries of a job that fails before its commit, counting the first.
         retry: how the commit transaction and each step after it are retried.
         drift: when the commit also queues an exact retrain of the model (:mod:`tmu_core.forget.drift`).
+        executor: where the compute steps run (:mod:`tmu_core.forget.executor`): this process by default.
         kill_at: test-only: exit with code 9 at this step of the first attempt (one of ``KILL_POINTS``).
     """
 
@@ -72,6 +74,7 @@ class PipelineConfig:
     max_attempts: int = 5
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     kill_at: str | None = None
 
     def __post_init__(self) -> None:
@@ -118,12 +121,15 @@ class Saved:
 class _Run:
     """One job's run: the context every step reads, and the timing and kill hook around each step."""
 
-    def __init__(self, workspace: Workspace, job: Job, config: PipelineConfig, steps: tuple[str, ...] = STEPS) -> None:
+    def __init__(self, workspace: Workspace, job: Job, config: PipelineConfig, steps: tuple[str, ...] = STEPS,
+                 executor: Executor | None = None) -> None:
         from tmu_core.device import resolve_device
 
         self.workspace, self.job, self.config, self.steps = workspace, job, config, steps
+        self.executor = executor or LocalExecutor()
         self.store = StateStore.open(workspace)
-        self.device = resolve_device(config.device)
+        # With a remote executor the host only reads checkpoints and writes new ones: the CPU does.
+        self.device = resolve_device(config.device if isinstance(self.executor, LocalExecutor) else "cpu")
         self.ids, self.request_ids = self.store.jobs.forget_set(job)
         self.timings: dict[str, float] = {}
 
@@ -140,7 +146,7 @@ class _Run:
 
 
 def _load(run: _Run) -> Loaded | None:
-    from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
+    from tmu_core.forget.artifacts import plan_data
     from tmu_core.index import TrainingIndex
     from tmu_core.preprocess import Preprocess
     from tmu_core.train import load_checkpoint
@@ -163,29 +169,18 @@ def _load(run: _Run) -> Loaded | None:
     run.method = method  # its prepared state (this version's) seeds the next version's, see prepare_next
     model, meta = load_checkpoint(source.checkpoint, run.device)
     index = index.view(Preprocess.from_meta(meta))  # every image read as this version's handler reads it
-    folder = artifacts_dir(run.workspace, run.job.model, source.version)
-    run.timings["prepare_artifacts"] = round(prepare(method, model, meta, index, plan, run.device, folder), 3)
     retain = tuple(i for i in plan.train_ids if i not in set(forget))
-    return Loaded(index, source, target, method, model, meta, plan, forget, retain)
+    loaded = Loaded(index, source, target, method, model, meta, plan, forget, retain)
+    run.timings["prepare_artifacts"] = round(run.executor.prepare(run, loaded), 3)
+    return loaded
 
 
 def _unlearn(run: _Run, loaded: Loaded) -> Unlearned:
-    from tmu_core.forget.artifacts import artifacts_dir
-    from tmu_core.unlearn import UnlearnData
-
-    data = UnlearnData(loaded.index, loaded.forget_ids, loaded.retain_ids, loaded.plan.twin_ids)
-    folder = artifacts_dir(run.workspace, run.job.model, loaded.source.version)
-    return Unlearned(data, loaded.method.unlearn(loaded.model, loaded.meta, data, run.device, folder))
+    return run.executor.unlearn(run, loaded)
 
 
 def _evaluate(run: _Run, loaded: Loaded, unlearned: Unlearned) -> Any:
-    from tmu_core.forget.report import measure
-
-    hard = unlearned.outcome.predicted_hard_ids
-    eval_ids = list(loaded.plan.eval_ids)
-    test = (loaded.index.load(eval_ids), loaded.index.labels(eval_ids))
-    return measure(loaded.model, unlearned.outcome.model, unlearned.data.tensors("forget"), test, run.device,
-                   None if hard is None else len(hard), run.config.mia_alpha)
+    return run.executor.evaluate(run, loaded, unlearned)
 
 
 def _save(run: _Run, loaded: Loaded, unlearned: Unlearned) -> Saved:
@@ -292,22 +287,26 @@ def run_job(workspace: Workspace, job_id: str, config: PipelineConfig) -> Job:
     if job.state != "running":
         raise InvalidInputError(f"job {job_id} is {job.state}; only a running (claimed) job can be run")
     seed_everything(config.seed)
-    with model_lock(workspace, job.model, blocking=True, holder=job.id):
-        if commit.is_committed(store, job):
-            return _forward(workspace, job_id, config, resumed=True)
-        run = _Run(workspace, job, config)
-        try:
-            committed = _attempt(run)
-        finally:
-            index = getattr(run, "index", None)
-            if index is not None:
-                index.close()
-        if committed is None:
-            return store.jobs.get(job_id)
-        if committed:
-            job = _forward(workspace, job_id, config)
-    if job.state == "succeeded" and config.prepare_next and committed:
-        prepare_next(workspace, job, config, parent=getattr(run, "method", None))
+    executor = make_executor(config.executor, workspace)
+    try:
+        with model_lock(workspace, job.model, blocking=True, holder=job.id):
+            if commit.is_committed(store, job):
+                return _forward(workspace, job_id, config, resumed=True)
+            run = _Run(workspace, job, config, executor=executor)
+            try:
+                committed = _attempt(run)
+            finally:
+                index = getattr(run, "index", None)
+                if index is not None:
+                    index.close()
+            if committed is None:
+                return store.jobs.get(job_id)
+            if committed:
+                job = _forward(workspace, job_id, config)
+        if job.state == "succeeded" and config.prepare_next and committed:
+            prepare_next(workspace, job, config, parent=getattr(run, "method", None), executor=executor)
+    finally:
+        executor.close()
     return store.jobs.get(job_id)
 
 
@@ -342,48 +341,23 @@ def _attempt(run: _Run, to_commit: Callable[[], bool] | None = None) -> bool | N
         return None
 
 
-def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig, parent: Any = None) -> None:
+def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig, parent: Any = None,
+                 executor: Executor | None = None) -> None:
     """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``.
 
     ``parent`` is the job's method: when it holds the source version's prepared state in memory (TMU), the new
     version's is an incremental update of it (that version's artifacts folder is deleted by then). ``followup``
     says how it went (``preparation``: ``incremental``, ``full``, or ``reused`` when a state was already there)
-    and its seconds.
+    and its seconds. ``executor`` runs it (this process by default).
     """
-    from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
-    from tmu_core.index import TrainingIndex
-    from tmu_core.preprocess import Preprocess
-    from tmu_core.train import load_checkpoint
-    from tmu_core.unlearn import get_method
-
     store = StateStore.open(workspace)
     target = job.to_version
     store.jobs.set_fields(job.id, followup={"artifacts": "preparing", "version": target})
     try:
-        record = store.versions.get(job.model, target)
-        options = dict(job.options)
-        method = get_method(options.pop("method", "tmu"), **options)
-        device = _device(config)
-        model, meta = load_checkpoint(record.checkpoint, device)
-        with TrainingIndex.open(workspace.index_dir) as index:
-            plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, target))
-            seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan, device,
-                              artifacts_dir(workspace, job.model, target), parent=getattr(parent, "prepared", None),
-                              origin=f"{job.model}:v{job.from_version}")
+        followup = (executor or LocalExecutor()).prepare_next(workspace, job, config, parent)
     except Exception as err:  # the job already succeeded; the next job prepares on demand
         logger.exception("job=%s: preparing v%s artifacts failed", job.id, target)
         store.jobs.set_fields(job.id, followup={"artifacts": "failed", "version": target, "reason": str(err)})
         return
-    went = getattr(method, "last_prepare", None)
-    preparation = {"incremental": "incremental", "memory": "reused", "disk": "reused"}.get(went, "full")
-    followup = {"artifacts": "ready", "version": target, "seconds": round(seconds, 3), "preparation": preparation}
-    why_full = getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")
-    if went == "built" and why_full:  # a full build although a parent state was offered
-        followup["full_reason"] = why_full
     store.jobs.set_fields(job.id, followup=followup)
 
-
-def _device(config: PipelineConfig) -> Any:
-    from tmu_core.device import resolve_device
-
-    return resolve_device(config.device)

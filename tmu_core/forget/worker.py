@@ -20,6 +20,7 @@ from tmu_core.config import Workspace, use_private_umask
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from tmu_core.forget.drift import add_policy_flags
+    from tmu_core.forget.executor import add_executor_flags
     from tmu_core.forget.pipeline import KILL_POINTS
 
     parser = argparse.ArgumentParser(prog="python -m tmu_core.forget.worker", description=__doc__)
@@ -31,6 +32,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds a superseded version's files are kept (0: deleted when the job finishes)")
     parser.add_argument("--max-attempts", type=int, default=5, help="tries of a job that fails before its commit")
     add_policy_flags(parser)
+    add_executor_flags(parser)
     parser.add_argument("--kill-at", choices=KILL_POINTS, default=None,
                         help="test only: exit 9 at this step of the job's first attempt")
     return parser.parse_args(argv)
@@ -42,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tmu_core.forget.drift import policy_from
+    from tmu_core.forget.executor import executor_from
     from tmu_core.forget.pipeline import PipelineConfig, run_job
     from tmu_core.forget.retrain import run_retrain
     from tmu_core.state.jobs import JobStore
 
     workspace = Workspace(home=args.home, model_store=args.model_store)
     config = PipelineConfig(device=args.device, kill_at=args.kill_at, retention_s=args.retention_s,
-                            max_attempts=args.max_attempts, drift=policy_from(args))
+                            max_attempts=args.max_attempts, drift=policy_from(args),
+                            executor=executor_from(args))
     kind = JobStore(workspace.state_db).get(args.job).kind
     job = (run_retrain if kind == "retrain" else run_job)(workspace, args.job, config)
     logging.getLogger(__name__).info("job=%s ends as %s at step %s: %s", job.id, job.state, job.step,

@@ -30,6 +30,7 @@ from tmu_core.config import PRIVATE_FILE_MODE, Workspace, use_private_umask
 from tmu_core.errors import ConflictError, InvalidInputError, ServerError
 from tmu_core.forget.dispatcher import Dispatcher, WorkerSettings
 from tmu_core.forget.drift import add_policy_flags, policy_flags, policy_from
+from tmu_core.forget.executor import add_executor_flags, executor_from
 from tmu_core.serving.keeper import KeyKeeper
 from tmu_core.state.locks import HeldLock, current_holder, writer_lock, writer_lock_path
 
@@ -280,7 +281,8 @@ def start(workspace: Workspace, config: ServiceConfig | None = None, timeout: fl
     workspace.ensure_dirs()
     cmd = [sys.executable, "-m", "tmu_core.service.server", "--home", str(workspace.home), "--model-store",
            str(workspace.model_store), "--port", str(config.port), "--device", config.worker.device,
-           "--retention-s", str(config.worker.retention_s), *policy_flags(config.worker.drift)]
+           "--retention-s", str(config.worker.retention_s), *policy_flags(config.worker.drift),
+           *config.worker.executor.flags()]
     log_fd = os.open(workspace.serve_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     with os.fdopen(log_fd, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -345,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-s", type=float, default=0.0,
                         help="seconds the files of a version holding forgotten samples are kept after it stops serving")
     add_policy_flags(parser)
+    add_executor_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     workspace = Workspace(home=args.home, model_store=args.model_store)
     try:
-        worker = WorkerSettings(device=args.device, retention_s=args.retention_s, drift=policy_from(args))
+        worker = WorkerSettings(device=args.device, retention_s=args.retention_s, drift=policy_from(args),
+                                executor=executor_from(args))
         serve_forever(workspace, ServiceConfig(port=args.port, worker=worker))
     except ConflictError as err:
         logger.error("not started: %s", err)
