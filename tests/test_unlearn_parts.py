@@ -357,6 +357,38 @@ def test_the_guard_stops_the_run_when_even_the_smallest_step_costs_too_much():
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
+def test_the_repair_guard_keeps_forgetting_and_repairs_what_a_step_cost():
+    """guard_mode="repair": a step that costs held-out accuracy is kept, and steps on retained samples alone
+    follow until the guard set is back, and the run still ends aligned."""
+    model, hard, easy = _two_blob_model()
+    guard = _guard_near_the_hard_samples(95)
+    near = _guard_near_the_hard_samples(90)  # retained class-0 samples on the guard images' side of the boundary
+    retain = TuneSet(torch.cat([near.images, easy.images]), torch.cat([near.labels, easy.labels]))
+    cfg = TuneConfig(lr=0.3, max_steps=60, optimizer="sgd", noise_std=0.0, easy_weight=0.0, margin=8.0,
+                     retain_weight=1.0, retain_loss="ce", retain_batch=64, guard_drop=0.0, guard_mode="repair",
+                     guard_repairs=20)
+    unguarded = copy.deepcopy(model)
+    forget_finetune(unguarded, hard, easy, retain, TuneConfig(**{**cfg.__dict__, "retain_weight": 0.0}), DEVICE)
+    assert _guard_accuracy(unguarded, guard) < 100.0  # the fault the guard is for
+    result = forget_finetune(model, hard, easy, retain, cfg, DEVICE, guard=guard)
+    assert result.stop_reason == "aligned" and result.hard_accuracy_after == 0.0
+    assert result.refused_steps >= 1  # repair steps were taken
+    assert result.guard_accuracy_after == _guard_accuracy(model, guard) == 100.0
+
+
+def test_warmup_raises_the_rate_linearly_to_lr():
+    cfg = TuneConfig(lr=0.01, warmup_steps=4)
+    assert [cfg.rate(k) for k in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert TuneConfig(lr=0.01).rate(0) == 0.01
+    model, hard, easy = _two_blob_model()
+    slow = forget_finetune(copy.deepcopy(model), hard, easy, None,
+                           TuneConfig(lr=0.05, max_steps=200, optimizer="sgd", retain_weight=0.0, warmup_steps=50),
+                           DEVICE)
+    fast = forget_finetune(model, hard, easy, None,
+                           TuneConfig(lr=0.05, max_steps=200, optimizer="sgd", retain_weight=0.0), DEVICE)
+    assert slow.stop_reason == fast.stop_reason == "aligned" and slow.steps > fast.steps
+
+
 def test_guard_settings_are_checked():
     with pytest.raises(InvalidInputError, match="guard_drop"):
         TuneConfig(guard_drop=-1.0)
@@ -364,3 +396,7 @@ def test_guard_settings_are_checked():
         get_method("tmu", guard_size=0)
     with pytest.raises(InvalidInputError, match="guard_max_samples"):
         get_method("tmu", guard_max_samples=0)
+    with pytest.raises(InvalidInputError, match="guard_mode"):
+        TuneConfig(guard_mode="undo")
+    with pytest.raises(InvalidInputError, match="warmup_steps"):
+        TuneConfig(warmup_steps=-1)

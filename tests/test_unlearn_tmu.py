@@ -70,7 +70,9 @@ def test_tmu_guards_held_out_accuracy_during_its_fine_tune_of_a_small_request(pr
     large = get_method("tmu", **{**options, "guard_max_samples": 19}).unlearn(prob.model, prob.meta, data, DEVICE,
                                                                               None)
     assert large.details["tune"]["guard_accuracy_before"] is None
-    assert get_method("tmu").options.guard_drop == 1.0 and get_method("tmu").options.guard_max_samples == 32
+    defaults = get_method("tmu").options
+    assert (defaults.guard_drop, defaults.guard_mode, defaults.guard_repairs, defaults.guard_max_samples) == (
+        1.0, "repair", 20, 32)
 
 
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):

@@ -65,6 +65,7 @@ HARD_OBJECTIVES = ("margin", "ce_clamp")
 OPTIMIZERS = ("sgd", "adam")
 BN_MODES = ("frozen", "batch")
 RETAIN_LOSSES = ("ce", "kl")
+GUARD_MODES = ("halve", "repair")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,13 @@ class TuneConfig:
             ``"batch"``: train mode, normalising with the step's batch, running statistics left unchanged.
         guard_drop: accuracy points on the guard set a step may cost below the start (None: no guard).
         guard_halvings: how many times a refused step may halve the learning rate before the run stops.
+        guard_mode: ``"halve"``: a refused step is taken back and retried at half the rate, and the run stops
+            once the rate may not be halved again; ``"repair"``: the step is kept and followed by repair steps
+            (retained and predicted-easy samples only) until the guard set is back within ``guard_drop``, at
+            most ``guard_repairs`` of them; every step counts towards ``max_steps``.
+        guard_repairs: most repair steps after one forget step (``"repair"``).
+        warmup_steps: the learning rate rises linearly from ``lr / warmup_steps`` to ``lr`` over the first
+            ``warmup_steps`` steps (0: ``lr`` from the first step).
         seed: noise and batch sampling.
     """
 
@@ -115,6 +123,9 @@ class TuneConfig:
     bn: str = "frozen"
     guard_drop: float | None = None
     guard_halvings: int = 4
+    guard_mode: str = "halve"
+    guard_repairs: int = 20
+    warmup_steps: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +149,13 @@ class TuneConfig:
         if self.guard_drop is not None:
             check_range(owner, "guard_drop", self.guard_drop, 0.0, 100.0)
         check_range(owner, "guard_halvings", self.guard_halvings, 0)
+        check_range(owner, "warmup_steps", self.warmup_steps, 0)
+        check_choice(owner, "guard_mode", self.guard_mode, GUARD_MODES)
+        check_range(owner, "guard_repairs", self.guard_repairs, 0)
+
+    def rate(self, step: int) -> float:
+        """The learning rate of step ``step`` (counted from 0), before any halving by the guard."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
 
 
 @dataclass(frozen=True)
@@ -285,30 +303,58 @@ class _Guard:
         self.model, self.optimiser, self.part, self.config, self.device = model, optimiser, part, config, device
         self.start = self.now = self.accuracy()
         self.refused = 0
+        self.factor = 1.0  # halved at each refusal, and stays so
 
     def accuracy(self) -> float:
         return _accuracy(_correct(self.model, self.part, self.device))
 
-    def step(self) -> bool:
-        """One optimiser step from the gradients in place, taken back and retried at half the rate while it
-        costs too much; False when the rate may not be halved again (the weights are then as before)."""
+    def step(self, rate: float) -> bool:
+        """One optimiser step at ``rate`` (times the halvings so far) from the gradients in place, taken back and
+        retried at half the rate while it costs too much; False when the rate may not be halved again (the
+        weights are then as before)."""
         weights = [p.detach().clone() for p in self.model.parameters()]
         state = copy.deepcopy(self.optimiser.state_dict())
-        for _ in range(self.config.guard_halvings + 1):
+        for attempt in range(self.config.guard_halvings + 1):
+            if attempt:
+                self.optimiser.load_state_dict(state)
+            _set_rate(self.optimiser, rate * self.factor)
             self.optimiser.step()
             self.now = self.accuracy()
             if self.now >= self.start - self.config.guard_drop:
                 return True
             self.refused += 1
+            self.factor *= 0.5
             with torch.no_grad():
                 for p, w in zip(self.model.parameters(), weights):
                     p.copy_(w)
-            rates = [group["lr"] * 0.5 for group in self.optimiser.param_groups]
-            self.optimiser.load_state_dict(state)  # also the saved rate: set the halved one again
-            for group, rate in zip(self.optimiser.param_groups, rates):
-                group["lr"] = rate
+        self.optimiser.load_state_dict(state)
         self.now = self.accuracy()
         return False
+
+
+def _set_rate(optimiser: torch.optim.Optimizer, rate: float) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = rate
+
+
+def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
+            config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int) -> int:
+    """Steps on retained and predicted-easy samples only while the guard set is more than ``guard_drop`` points
+    below its start (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
+    taken = 0
+    none = _pick(easy, 0, gen)
+    while (taken < config.guard_repairs and steps + taken < config.max_steps
+           and keeper.accuracy() < keeper.start - config.guard_drop):
+        with _bn_mode(model, config.bn):
+            loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device)
+            keeper.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            _set_rate(keeper.optimiser, config.rate(steps + taken))
+            keeper.optimiser.step()
+        taken += 1
+    keeper.refused += taken
+    keeper.now = keeper.accuracy()
+    return taken
 
 
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
@@ -357,12 +403,15 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         with _bn_mode(model, config.bn):
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            if keeper is None:
+            if keeper is None or config.guard_mode == "repair":
+                _set_rate(optimiser, config.rate(steps))
                 optimiser.step()
-            elif not keeper.step():
+            elif not keeper.step(config.rate(steps)):
                 reason = "guard"
                 break
         steps += 1
+        if keeper is not None and config.guard_mode == "repair":
+            steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps)
     easy_now = _correct(model, easy, device) if easy_lost is None else easy_now
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
     return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
