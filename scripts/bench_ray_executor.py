@@ -12,6 +12,8 @@ after the other, the second once the first one's version is prepared (the job's 
   request 1 creates the model's actor (cold: weights, pixels and the prepared state sent or built there),
   request 2 finds it warm.
 
+The drift budget is off in both runs, so that no background retrain shares the cores with the requests.
+
 The table gives each request's request-to-serving time and the steps inside it (from the job's report: worker
 start, load with its preparation, unlearn, evaluate, the rest up to serving). Both executors share the machine's
 cores with everything else that runs; say so when quoting the numbers. Example::
@@ -78,8 +80,9 @@ def wait_prepared(run: Run, job_id: str, timeout: float) -> dict[str, Any]:
 def one_executor(args: argparse.Namespace, kind: str, ids: list[list[str]], address: str | None) -> list[dict]:
     stream_args = bench_stream.parse_args(["--work", str(args.work), "--label", f"executor-{kind}"])
     run = Run(stream_args)
-    extra = [] if kind == "local" else ["--executor", "ray", "--ray-address", address,
-                                        "--ray-num-cpus", str(args.node_cpus)]
+    extra = ["--drift-budget", "off"]  # no background retrain sharing the cores with the requests
+    if kind == "ray":
+        extra += ["--executor", "ray", "--ray-address", address, "--ray-num-cpus", str(args.node_cpus)]
     rows = []
     try:
         run.start(extra)

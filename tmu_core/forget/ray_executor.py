@@ -50,16 +50,18 @@ def actor_name(workspace: Any, model: str) -> str:
     return f"tmu:{home}:{model}"
 
 
-def connect(address: str) -> None:
-    """Join the cluster at ``address`` as a driver (once per process), with usage reporting off."""
+def connect(address: str) -> bool:
+    """Join the cluster at ``address`` as a driver, with usage reporting off; False when this process was
+    connected already (then that connection is used, and left to its owner)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     host = address.rsplit(":", 1)[0]
     extra = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, **extra)
+    return True
 
 
 class ModelActor:
@@ -229,8 +231,7 @@ class RayExecutor:
 
     def __init__(self, settings: Any, workspace: Any) -> None:
         self.settings, self.workspace = settings, workspace
-        connect(settings.ray_address)
-        self.node: str | None = None
+        self.connected = connect(settings.ray_address)
 
     def _actor(self, model: str) -> Any:
         import ray
@@ -272,8 +273,6 @@ class RayExecutor:
                     actor_name(self.workspace, run.job.model), held["node"][:12],
                     "has the" if held["weights"] else "sending the", len(missing), len(wanted))
         done = self._get(actor.prepare.remote(task, checkpoint, ray.put(pixels) if pixels else None))
-        self.node = done["node"]
-        run.executor_node = done["node"]
         return float(done["seconds"])
 
     def unlearn(self, run: Any, loaded: Any) -> Any:
@@ -312,5 +311,5 @@ class RayExecutor:
     def close(self) -> None:
         import ray
 
-        if ray.is_initialized():
+        if self.connected and ray.is_initialized():
             ray.shutdown()
