@@ -123,14 +123,42 @@ def test_a_node_that_dies_mid_job_changes_nothing_and_the_job_runs_again_on_a_li
         assert audit_kinds(workspace)[len(audit_before):] == ["forget", "purge", "swap", "wipe"]
         _wait(lambda: (store.jobs.get(job_id).followup or {}).get("artifacts") == "ready", 120, "v2's preparation")
 
-        second, _ = ask_to_forget(workspace, "owner-b-0")
+        first = samples
+        second, second_samples = ask_to_forget(workspace, "owner-b-0")
         _wait(lambda: store.jobs.get(second).done, 300, "the second job")
         warm = store.jobs.get(second)
         assert warm.state == "succeeded", warm.reason
         assert warm.result["unlearn_details"]["prepared"] == "memory"  # the actor held v2's prepared state
         assert warm.result["unlearn_details"]["executor"]["node"] == spare.node_id
         assert_serving(workspace, server, 3)
+        _the_actor_keeps_no_forgotten_sample(workspace, executor, first + second_samples)
     finally:
         dispatcher.stop(wait_s=120)
         if spare is not None:
             cluster.remove_node(spare)
+
+
+def _the_actor_keeps_no_forgotten_sample(workspace, executor: ExecutorSettings, forgotten: list[str]) -> None:
+    """The actor dropped each job's forget set at its end; a sample wiped from the index (here a test image, as
+    an owner's test images are) is dropped by ``purge_actors``, with the state built from it; so are weights
+    that no longer serve."""
+    import ray
+
+    from tmu_core.forget.ray_executor import connect, purge_actors
+    from tmu_core.index import TrainingIndex
+    from tmu_core.serving.export import sha256_file
+    from tmu_core.state.versions import VersionRegistry
+
+    connect(executor.ray_address)
+    actor = ray.get_actor(actor_name(workspace, "m"), namespace="tmu-serve")
+    serving = sha256_file(VersionRegistry(workspace.state_db).serving("m").checkpoint)
+    held = ray.get(actor.holds.remote(serving, forgotten), timeout=60)
+    assert held["weights"] and held["missing"] == forgotten  # the serving version's weights, no forgotten pixel
+    with TrainingIndex.open(workspace.index_dir) as index:
+        train, test = index.ids("train"), index.ids("test")
+    assert ray.get(actor.holds.remote(serving, test), timeout=60)["missing"] == []
+    wiped = test[0]
+    assert purge_actors(executor, workspace, train + test[1:], {"m": serving}) == {"m": {"pixels": 1, "weights": 0}}
+    after = ray.get(actor.holds.remote(serving, [wiped]), timeout=60)
+    assert after["weights"] is False and after["missing"] == [wiped]  # the state built from it went too
+    assert purge_actors(executor, workspace, train + test[1:], {"m": "another"}) == {"m": {"pixels": 0, "weights": 0}}

@@ -136,6 +136,9 @@ class Dispatcher:
         self._procs: dict[str, object] = {}
         self._resume_at: dict[str, float] = {}
         self._purged_at = 0.0
+        self._actors_stale = True  # the Ray executor's actors may hold what the host no longer has
+        self._purger: threading.Thread | None = None
+        self._purge_after = 0.0
         self._orphans_due = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -246,13 +249,49 @@ class Dispatcher:
         """Wipe what no model needs any more; purge versions past their retention (on a schedule)."""
         from tmu_core.forget.wipe import sweep
 
-        sweep(self.workspace)
+        if sweep(self.workspace).wiped:
+            self._actors_stale = True
+        if (self.settings.executor.kind == "ray" and self._actors_stale and time.monotonic() >= self._purge_after
+                and not (self._purger and self._purger.is_alive())):
+            # In its own thread: an unreachable cluster must not hold up the queue.
+            self._actors_stale = False
+            busy = {self.jobs.get(job_id).model for job_id in self._procs}
+            self._purger = threading.Thread(target=self._purge_actors, args=(busy,), name="tmu-actor-purge",
+                                            daemon=True)
+            self._purger.start()
         if time.monotonic() - self._purged_at >= self.settings.purge_every_s:
             from tmu_core.service.rollback import purge_due
 
             purge_due(self.workspace, self.settings.retention_s)
             self._schedule_retrains()
             self._purged_at = time.monotonic()
+
+    def _purge_actors(self, busy: set[str]) -> None:
+        """Make the Ray actors drop what the host no longer has: wiped pixels, a superseded version's weights and
+        state. Models with a job running are left for a later pass (their actor is in use); after a failure it
+        is tried again 30 s later."""
+        from tmu_core.forget.ray_executor import purge_actors
+        from tmu_core.index import TrainingIndex
+        from tmu_core.serving.export import sha256_file
+        from tmu_core.state.store import StateStore
+
+        try:
+            store, serving = StateStore.open(self.workspace), {}
+            for model in store.versions.models():
+                record = store.versions.serving(model)
+                if model not in busy:
+                    serving[model] = sha256_file(record.checkpoint) if record and record.checkpoint.is_file() else None
+            with TrainingIndex.open(self.workspace.index_dir) as index:
+                live = index.ids("train") + index.ids("test")
+            dropped = purge_actors(self.settings.executor, self.workspace, live, serving)
+        except Exception:
+            logger.exception("could not purge the Ray actors; trying again in 30 s")
+            self._actors_stale, self._purge_after = True, time.monotonic() + 30.0
+            return
+        if dropped:
+            logger.info("Ray actors dropped %s", dropped)
+        if busy:
+            self._actors_stale = True
 
     def _schedule_retrains(self) -> None:
         """Queue the retrain of each model whose serving version is due by the drift policy (its age limit)."""
@@ -284,6 +323,7 @@ class Dispatcher:
             if code is None:
                 continue
             del self._procs[job_id]
+            self._actors_stale = True  # what serves may have changed
             job = self.jobs.get(job_id)
             if job.state == "running":
                 step = job.step or "starting"

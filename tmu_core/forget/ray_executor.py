@@ -144,8 +144,18 @@ class ModelActor:
         return {"seconds": time.perf_counter() - started, "went": getattr(method, "last_prepare", None),
                 "full_reason": getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")}
 
+    def keep_only(self, live_ids: list[str], serving_sha: str | None) -> dict[str, int]:
+        """Drop the pixels of every sample not in ``live_ids`` (wiped from the index); then, when anything was
+        dropped (the prepared state was built from it) or the weights are not the serving version's
+        (``serving_sha``), drop the weights and the prepared state too. Returns what was dropped."""
+        dropped = self.drop([i for i in self.pixels if i not in set(live_ids)])
+        stale = self.sha is not None and self.sha != serving_sha
+        if dropped or stale:
+            self.sha = self.model = self.meta = self.method = self.method_key = None
+        return {"pixels": dropped, "weights": int(stale)}
+
     def drop(self, ids: list[str]) -> int:
-        """Forget the pixels of ``ids`` (the wipe of samples no model needs); returns how many it held."""
+        """Forget the pixels of ``ids``; returns how many it held."""
         held = [i for i in ids if i in self.pixels]
         for i in held:
             del self.pixels[i], self.labels[i]
@@ -313,3 +323,24 @@ class RayExecutor:
 
         if self.connected and ray.is_initialized():
             ray.shutdown()
+
+
+def purge_actors(settings: Any, workspace: Any, live_ids: list[str], serving: dict[str, str | None]) -> dict:
+    """Bring the actors of ``serving``'s models in line with the host: only pixels of ``live_ids``, and only the
+    serving version's weights (``serving``: model -> its checkpoint's sha256). A model without an actor holds
+    nothing. Returns what each actor dropped.
+
+    Raises:
+        whatever Ray raises when the cluster or an actor cannot be reached (the caller tries again later).
+    """
+    import ray
+
+    connect(settings.ray_address)
+    dropped = {}
+    for model, sha in serving.items():
+        try:
+            actor = ray.get_actor(actor_name(workspace, model), namespace=NAMESPACE)
+        except ValueError:  # no such actor: nothing held
+            continue
+        dropped[model] = ray.get(actor.keep_only.remote(live_ids, sha), timeout=30)
+    return dropped
