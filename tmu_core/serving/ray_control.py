@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import zipfile
@@ -41,11 +42,13 @@ REPLICA_PREFIX = "SERVE_REPLICA::"
 
 @dataclass(frozen=True)
 class ReplicaCheck:
-    """What each running replica of a model answered: ``{replica id: version}``, and how long it took."""
+    """What each running replica of a model answered: ``{replica id: version}``, where it runs
+    (``{replica id: node id}``), and how long the check took."""
 
     model: str
     version: int
     answers: dict[str, str]
+    nodes: dict[str, str]
     seconds: float
 
 
@@ -99,6 +102,7 @@ class RayServeBackend:
         self.workspace, self.spec, self.timeout_s = workspace, spec, timeout_s
         self.token = load_or_create_token(workspace.serve_dir)
         connect(spec)
+        start_http(spec)  # a no-op when Serve runs; without it there is no proxy to ask
 
     @property
     def headers(self) -> dict[str, str]:
@@ -146,10 +150,9 @@ class RayServeBackend:
 
         if int(version) not in self.staged(model):
             self.stage(model, version, self.workspace.archive_path(model, version))
-        start_http(self.spec)
         started = time.perf_counter()
-        _bounded(lambda: serve.run(build_app(model, version, self.token, self.spec), name=app_name(model),
-                                   route_prefix=route(model)),
+        _bounded(lambda: _run_fresh(lambda: serve.run(build_app(model, version, self.token, self.spec),
+                                                      name=app_name(model), route_prefix=route(model))),
                  self.timeout_s, f"deploying {model} version {version} on Ray Serve")
         check = self.wait_replicas(model, version, self.timeout_s)
         logger.info("model=%s version=%d on %d replica(s) in %.1fs", model, version, len(check.answers),
@@ -188,16 +191,16 @@ class RayServeBackend:
             ServerError: some replica had not answered with ``version`` in time (the message lists them).
         """
         started = time.perf_counter()
-        deadline, answers, ids = started + timeout_s, {}, set()
+        deadline, answers, nodes, ids = started + timeout_s, {}, {}, set()
         with ThreadPoolExecutor(max_workers=8) as pool:
             while time.perf_counter() < deadline:
                 for found in pool.map(lambda _: self._identify_quietly(model), range(8)):
                     if found is not None:
-                        answers[found["replica"]] = found["version"]
+                        answers[found["replica"]], nodes[found["replica"]] = found["version"], found["node"]
                 ids = self.replica_ids(model)
                 if ids and all(answers.get(rid) == str(version) for rid in ids):
                     return ReplicaCheck(model, int(version), {rid: answers[rid] for rid in ids},
-                                        time.perf_counter() - started)
+                                        {rid: nodes[rid] for rid in ids}, time.perf_counter() - started)
                 time.sleep(0.05)
         behind = {rid: answers.get(rid, "no answer") for rid in sorted(ids) if answers.get(rid) != str(version)}
         raise ServerError(f"after {timeout_s:.0f}s, replicas of {model} not serving version {version}: {behind}")
@@ -272,6 +275,21 @@ class RayServeBackend:
         for version in self.staged(model):
             ray.get(self._store().drop.remote(model, version), timeout=self.timeout_s)
         return deployed
+
+
+def _run_fresh(action: Any) -> Any:
+    """Run ``action`` with Python's ``random`` freshly seeded from the OS, then restore the caller's state.
+
+    ``serve.run`` names each rollout with a string drawn from ``random``; a process that seeded it (a forget job
+    calls ``seed_everything``) would draw the same name every time, and Serve would take the new version for the
+    one it already runs and restart nothing. :meth:`RayServeBackend.wait_replicas` would catch that, but late.
+    """
+    state = random.getstate()
+    random.seed()
+    try:
+        return action()
+    finally:
+        random.setstate(state)
 
 
 def _bounded(action: Any, timeout_s: float, what: str) -> None:
