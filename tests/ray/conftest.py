@@ -18,6 +18,14 @@ WORKER_NODES = 2
 
 
 @pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Ray Serve's HTTP port for the session (Serve keeps the port it first started with)."""
+    from ray_support import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """The cluster (``ray.cluster_utils.Cluster``); this process is connected to it as a driver."""
     ray = pytest.importorskip("ray")

@@ -65,7 +65,8 @@ def executor_options(command: Any) -> Any:
     options = [
         click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="local: in the job's worker process; ray: in a warm per-model actor on a Ray cluster."),
-        click.option("--ray-address", default=None, help="The Ray cluster's address (HOST:PORT) for --executor ray."),
+        click.option("--ray-address", default=None,
+                     help="The Ray cluster's address (HOST:PORT) for --executor ray and --backend ray."),
         click.option("--ray-num-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
                      help="CPUs each model's actor asks for (and its torch threads)."),
         click.option("--ray-num-gpus", type=click.FloatRange(min=0), default=None,

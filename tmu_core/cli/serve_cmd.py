@@ -18,7 +18,9 @@ from tmu_core.forget.dispatcher import WorkerSettings
 from tmu_core.service.rollback import parse_duration
 from tmu_core.service.server import ServiceConfig
 from tmu_core.service.server import status as extension_status
-from tmu_core.service.stack import start_stack, stop_stack
+from tmu_core.service.stack import start_ray_stack, start_stack, stop_stack
+from tmu_core.serving.backend import BackendSpec, free_port, load_or_create_token, read_backend
+from tmu_core.serving.clients import InferenceClient
 from tmu_core.serving.torchserve import TorchServe, TorchServeConfig
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,36 @@ def serve_group() -> None:
     """Start, stop and inspect the workspace's TorchServe server."""
 
 
+def serving_backend_options(func):
+    """``--backend``, ``--replicas`` and ``--http-port`` of ``serve start`` (the cluster is ``--ray-address``,
+    shared with ``--executor ray``)."""
+    func = click.option("--http-port", type=click.IntRange(1, 65535), default=None,
+                        help="Ray Serve's HTTP port on 127.0.0.1 (default: a free port).")(func)
+    func = click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
+                        help="Ray Serve replicas per model, spread over the cluster's nodes.")(func)
+    return click.option("--backend", type=click.Choice(["torchserve", "ray"]), default="torchserve",
+                        show_default=True, help="What serves the models: TorchServe here, or Ray Serve on a Ray "
+                                                "cluster.")(func)
+
+
+def _ray_spec(workspace: Workspace, ray_address: str | None, replicas: int, http_port: int | None) -> BackendSpec:
+    """The Ray backend asked for; the port of an earlier ``serve start --backend ray`` is kept when none is given."""
+    if not ray_address:
+        raise click.UsageError("--backend ray needs --ray-address (the Ray cluster's address, host:port)")
+    earlier = read_backend(workspace.serve_dir)
+    if http_port is None and earlier.kind == "ray" and earlier.address == ray_address:
+        http_port = earlier.http_port
+    return BackendSpec(kind="ray", address=ray_address, replicas=replicas, http_port=http_port or free_port())
+
+
+def _ray_started_json(started) -> dict:
+    return {"backend": "ray", "inference_url": f"{started.url}/predictions", "token_file": str(started.token_file),
+            "models": started.versions, "replicas": started.replicas,
+            "extension_url": started.extension.url if started.extension else None,
+            "extension_key_file": str(started.extension.key_file) if started.extension else None,
+            "started": list(started.started)}
+
+
 @serve_group.command("start")
 @click.option("--model", "models", multiple=True,
               help="Model to serve (repeatable): the registry's serving version, else its newest archive. "
@@ -85,24 +117,34 @@ def serve_group() -> None:
 @click.option("--retention", default="0s", show_default=True, help=RETENTION_HELP)
 @drift_options
 @executor_options
+@serving_backend_options
 @click.pass_obj
 def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
                 no_extension: bool, retention: str, drift_budget: str, retrain_after_forgets: int | None,
                 retrain_after: str | None, drift_hold: str, executor: str, ray_address: str | None,
-                ray_num_cpus: float, ray_num_gpus: float | None) -> None:
+                ray_num_cpus: float, ray_num_gpus: float | None, backend: str, replicas: int | None,
+                http_port: int | None) -> None:
     """Start what is not running of TorchServe and the management extension; wait until every model is READY.
 
     A TorchServe that runs is kept (a model it lacks is registered); one that died is started again with each
     model's serving version while a running extension keeps running. Starting everything twice is a no-op.
+    With --backend ray, each model's serving version is deployed on Ray Serve on the cluster at --ray-address
+    instead, and later swaps and rollbacks go there.
     """
     with tmu_errors():
+        worker = WorkerSettings(retention_s=parse_duration(retention).total_seconds(),
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
+                                executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
+        if backend == "ray":
+            spec = _ray_spec(workspace, ray_address, replicas, http_port)
+            ray_started = start_ray_stack(workspace, spec, list(models) or None, with_extension=not no_extension,
+                                          service=ServiceConfig(worker=worker))
+            echo_json(_ray_started_json(ray_started))
+            return
         if config_path is None and Path("config.properties").is_file():
             config_path = Path("config.properties")
         config = (TorchServeConfig.from_properties(config_path, workspace.model_store) if config_path
                   else TorchServeConfig(model_store=workspace.model_store))
-        worker = WorkerSettings(retention_s=parse_duration(retention).total_seconds(),
-                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
-                                executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
         started = start_stack(workspace, config, list(models) or None, with_extension=not no_extension,
                               timeout=timeout, service=ServiceConfig(worker=worker))
     status, ext = started.torchserve, started.extension
@@ -116,10 +158,15 @@ def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path
 @serve_group.command("stop")
 @click.pass_obj
 def serve_stop(workspace: Workspace) -> None:
-    """Stop the extension, then TorchServe, waiting until its Java process has exited."""
+    """Stop the extension, then TorchServe, waiting until its Java process has exited (with Ray Serve: delete
+    the workspace's Serve applications; the cluster keeps running)."""
     with tmu_errors():
+        kind = read_backend(workspace.serve_dir).kind
         ext_was_running, ts_was_running = stop_stack(workspace, _server(workspace))
     click.echo("extension stopped." if ext_was_running else "extension was not running.")
+    if kind == "ray":
+        click.echo("Ray Serve applications deleted." if ts_was_running else "Ray Serve served nothing.")
+        return
     click.echo("TorchServe stopped." if ts_was_running else "TorchServe was not running.")
 
 
@@ -128,8 +175,12 @@ def serve_stop(workspace: Workspace) -> None:
 def serve_status(workspace: Workspace) -> None:
     """Whether TorchServe and the extension run, their URLs, key files and models."""
     with tmu_errors():
-        status = _server(workspace).status()
+        spec = read_backend(workspace.serve_dir)
         ext = extension_status(workspace)
+        if spec.kind == "ray":
+            echo_json({"ray_serve": asdict(spec), "extension": asdict(ext) if ext else None})
+            return
+        status = _server(workspace).status()
     echo_json({"torchserve": asdict(status), "extension": asdict(ext) if ext else None})
 
 
@@ -142,10 +193,13 @@ def serve_status(workspace: Workspace) -> None:
 @click.pass_obj
 def predict(workspace: Workspace, images: tuple[Path, ...], model_name: str, version: str | None,
             top_k: int | None) -> None:
-    """Classify IMAGES (JPEG or PNG files) with the running TorchServe."""
+    """Classify IMAGES (JPEG or PNG files) with the running TorchServe (or Ray Serve)."""
     with tmu_errors():
-        server = _server(workspace)
-        client = server.inference()  # follows key_file.json, renewing an expired key
+        spec = read_backend(workspace.serve_dir)
+        if spec.kind == "ray":  # same path and answers; the token is Ray Serve's own
+            client = InferenceClient(spec.url, load_or_create_token(workspace.serve_dir))
+        else:
+            client = _server(workspace).inference()  # follows key_file.json, renewing an expired key
         answers = []
         for path in images:
             result = client.predict(model_name, path.read_bytes(), version=version)

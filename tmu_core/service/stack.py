@@ -1,4 +1,4 @@
-"""Start and stop the whole serving stack of a workspace: TorchServe, then the management extension.
+"""Start and stop the whole serving stack of a workspace: TorchServe (or Ray Serve), then the management extension.
 
 TorchServe loads, for each model, the version the registry marks ``serving`` (so a rollback survives a restart),
 or the highest-numbered archive for a model the registry does not know. ``start_stack`` starts only what is not
@@ -6,6 +6,9 @@ running, so it is also the restart step after a crash: a TorchServe that died is
 serving version) while the extension keeps running, a dead extension is started beside a running TorchServe, and
 a model missing from a running TorchServe is registered. The extension starts only once every model's workers are
 READY; if anything fails, whatever this call started is stopped again.
+
+With Ray Serve as the backend (``start_ray_stack``), the same versions are deployed as Serve applications on an
+existing Ray cluster, ``<serve_dir>/backend.json`` tells every later swap to go there, and no TorchServe starts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tmu_core.errors import ModelNotFoundError, TmuError
 from tmu_core.service import server as extension
 from tmu_core.service.server import ServiceConfig, ServiceInfo
 from tmu_core.serving.archive import latest_archives
+from tmu_core.serving.backend import BackendSpec, read_backend, write_backend
 from tmu_core.serving.torchserve import ServerStatus, TorchServe, TorchServeConfig
 from tmu_core.state.versions import VersionRegistry
 
@@ -142,12 +146,81 @@ def _served_versions(server: TorchServe, chosen: dict[str, tuple[int, Path]]) ->
     return versions
 
 
+@dataclass(frozen=True)
+class RayStackStatus:
+    """Where Ray Serve answers, which version of each model its replicas serve, and what this call started.
+
+    Attributes:
+        url: Ray Serve's HTTP root (predictions at ``<url>/predictions/<model>``).
+        token_file: the file holding the bearer token clients send.
+        extension: where the extension answers (None when it was not asked for and does not run).
+        versions: ``{model: version}`` that every replica answered with.
+        replicas: ``{model: {replica id: node id}}``.
+        started: ``"model:<name>"`` for each model deployed now, and ``"extension"``.
+    """
+
+    url: str
+    token_file: Path
+    extension: ServiceInfo | None
+    versions: dict[str, int]
+    replicas: dict[str, dict[str, str]]
+    started: tuple[str, ...] = ()
+
+
+def start_ray_stack(workspace: Workspace, spec: BackendSpec, models: list[str] | None = None,
+                    with_extension: bool = True, service: ServiceConfig | None = None) -> RayStackStatus:
+    """Deploy each model's serving version on Ray Serve (where it does not serve already), record the backend in
+    ``<serve_dir>/backend.json``, then start the extension when it does not run.
+
+    Raises:
+        ModelNotFoundError: nothing to serve. ServerError: the cluster is unreachable or a rollout failed.
+    """
+    from tmu_core.serving.backend import TOKEN_FILE
+    from tmu_core.serving.ray_control import RayServeBackend
+
+    if spec.kind != "ray":
+        raise TmuError(f"start_ray_stack needs a ray backend, got kind={spec.kind!r}")
+    chosen = archives_to_serve(workspace, models)
+    workspace.ensure_dirs()
+    backend = RayServeBackend(workspace, spec)
+    write_backend(workspace.serve_dir, spec)
+    started, replicas = [], {}
+    for name, (version, archive) in sorted(chosen.items()):
+        if backend.default_version(name) == str(version):  # already served: keep its replicas
+            check = backend.wait_replicas(name, version, backend.timeout_s)
+        else:
+            backend.stage(name, version, archive)
+            check = backend.deploy(name, version)
+            started.append(f"model:{name}")
+        replicas[name] = check.nodes
+    info = extension.status(workspace)
+    if with_extension and info is None:
+        info = extension.start(workspace, service)
+        started.append("extension")
+    logger.info("ray stack home=%s models=%s started=%s", workspace.home, sorted(chosen), started or "nothing")
+    return RayStackStatus(spec.url, workspace.serve_dir / TOKEN_FILE, info,
+                          {name: version for name, (version, _) in chosen.items()}, replicas, tuple(started))
+
+
 def stop_stack(workspace: Workspace, server: TorchServe) -> tuple[bool, bool]:
-    """Stop the extension (new forget requests stop first), then TorchServe.
+    """Stop the extension (new forget requests stop first), then TorchServe, or with Ray Serve as the backend,
+    delete the workspace's Serve applications and ``backend.json`` (the cluster itself keeps running).
 
     Returns:
-        (extension was running, TorchServe was running).
+        (extension was running, TorchServe or the Ray Serve applications were running).
     """
     ext_was_running = extension.stop(workspace)
+    spec = read_backend(workspace.serve_dir)
+    if spec.kind == "ray":
+        return ext_was_running, _stop_ray(workspace, spec)
     ts_was_running = server.stop()
     return ext_was_running, ts_was_running
+
+
+def _stop_ray(workspace: Workspace, spec: BackendSpec) -> bool:
+    from tmu_core.serving.ray_control import RayServeBackend
+
+    backend = RayServeBackend(workspace, spec)
+    deployed = [backend.undeploy(name) for name in sorted(latest_archives(workspace.model_store))]
+    write_backend(workspace.serve_dir, BackendSpec())  # no file: TorchServe again
+    return any(deployed)

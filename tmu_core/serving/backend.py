@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -93,6 +94,13 @@ class BackendSpec:
         return cls(**data)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for Ray Serve's HTTP proxy)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def read_backend(serve_dir: Path) -> BackendSpec:
     """The workspace's serving backend: ``backend.json`` in ``serve_dir``, else TorchServe.
 
@@ -149,4 +157,4 @@ def load_or_create_token(serve_dir: Path) -> str:
     return token
 
 
-__all__ = ["BACKEND_FILE", "BackendSpec", "TOKEN_FILE", "load_or_create_token", "read_backend", "write_backend"]
+__all__ = ["BACKEND_FILE", "BackendSpec", "TOKEN_FILE", "free_port", "load_or_create_token", "read_backend", "write_backend"]

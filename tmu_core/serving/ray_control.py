@@ -87,10 +87,23 @@ def start_http(spec: BackendSpec) -> None:
 
     One proxy: every node of a one-machine test cluster has the same address, so a proxy per node would fight
     over the port. A Serve already running on the cluster keeps its own HTTP settings.
+
+    Raises:
+        ServerError: nothing answers at ``spec.url`` within 60 s (a Serve that runs on another port).
     """
     from ray import serve
 
     serve.start(proxy_location="HeadOnly", http_options={"host": spec.http_host, "port": spec.http_port})
+    deadline, last = time.monotonic() + 60.0, ""
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{spec.url}/-/healthz", timeout=5)
+            return
+        except requests.RequestException as err:
+            last = str(err)
+            time.sleep(0.2)
+    raise ServerError(f"Ray Serve runs on the cluster at {spec.address} but nothing answers at {spec.url} ({last}); "
+                      "a Serve started earlier keeps its own HTTP port: pass that one (--http-port)")
 
 
 class RayServeBackend:

@@ -165,6 +165,11 @@ class ModelServer:
             return self._reply({"code": 401, "type": "Unauthorized",
                                 "message": "missing or wrong token: send 'Authorization: Bearer <token>' with the "
                                            "token from <serve_dir>/ray_token"}, 401)
+        asked = request.url.path.removeprefix(f"/predictions/{self.model}").strip("/")
+        if asked and asked != str(self.version):  # /predictions/<model>/<version>, as on TorchServe
+            return self._reply({"code": 404, "type": "ModelNotFoundException",
+                                "message": f"version {asked!r} of {self.model} is not served; Ray Serve serves "
+                                           f"version {self.version} only"}, 404)
         if request.method == "GET":
             return self._reply(self.identity())
         if request.method != "POST":
