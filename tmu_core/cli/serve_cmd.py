@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -80,21 +80,24 @@ def serving_backend_options(func):
     shared with ``--executor ray``)."""
     func = click.option("--http-port", type=click.IntRange(1, 65535), default=None,
                         help="Ray Serve's HTTP port on 127.0.0.1 (default: a free port).")(func)
-    func = click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
-                        help="Ray Serve replicas per model, spread over the cluster's nodes.")(func)
+    func = click.option("--replicas", type=click.IntRange(min=1), default=None,
+                        help="Ray Serve replicas per model, spread over the cluster's nodes (default: the "
+                             "workspace's backend.json, else 2).")(func)
     return click.option("--backend", type=click.Choice(["torchserve", "ray"]), default="torchserve",
                         show_default=True, help="What serves the models: TorchServe here, or Ray Serve on a Ray "
                                                 "cluster.")(func)
 
 
-def _ray_spec(workspace: Workspace, ray_address: str | None, replicas: int, http_port: int | None) -> BackendSpec:
-    """The Ray backend asked for; the port of an earlier ``serve start --backend ray`` is kept when none is given."""
+def _ray_spec(workspace: Workspace, ray_address: str | None, replicas: int | None,
+              http_port: int | None) -> BackendSpec:
+    """The Ray backend asked for. The other settings of an earlier ``backend.json`` for the same cluster are kept
+    (its port too, when none is given), so a reader may write the file by hand first (see docs/ray.md)."""
     if not ray_address:
         raise click.UsageError("--backend ray needs --ray-address (the Ray cluster's address, host:port)")
     earlier = read_backend(workspace.serve_dir)
-    if http_port is None and earlier.kind == "ray" and earlier.address == ray_address:
-        http_port = earlier.http_port
-    return BackendSpec(kind="ray", address=ray_address, replicas=replicas, http_port=http_port or free_port())
+    if earlier.kind == "ray" and earlier.address == ray_address:
+        return replace(earlier, replicas=replicas or earlier.replicas, http_port=http_port or earlier.http_port)
+    return BackendSpec(kind="ray", address=ray_address, replicas=replicas or 2, http_port=http_port or free_port())
 
 
 def _ray_started_json(started) -> dict:

@@ -37,6 +37,8 @@ class BackendSpec:
         namespace: the Ray namespace of tmu-serve's named actors (the archive store).
         http_host: where Ray Serve's proxy listens (loopback unless a reader chooses otherwise).
         http_port: Ray Serve's HTTP port.
+        public_url: where this host and clients reach the proxy, when not ``http://http_host:http_port``
+            (e.g. ``http://tmu-ray-head-svc:8000`` with ``http_host`` 0.0.0.0 on Kubernetes).
         replicas: replicas per model.
         num_cpus: CPUs that each replica reserves (fractions allowed; small so 2 replicas fit on a laptop).
         num_gpus: GPUs that each replica reserves (0 on CPU clusters).
@@ -51,6 +53,7 @@ class BackendSpec:
     namespace: str = "tmu"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    public_url: str | None = None
     replicas: int = 2
     num_cpus: float = 0.25
     num_gpus: float = 0.0
@@ -77,8 +80,8 @@ class BackendSpec:
 
     @property
     def url(self) -> str:
-        """Ray Serve's HTTP root."""
-        return f"http://{self.http_host}:{self.http_port}"
+        """Ray Serve's HTTP root, as this host and clients reach it."""
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BackendSpec":
