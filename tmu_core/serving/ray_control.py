@@ -227,7 +227,10 @@ class RayServeBackend:
     # The swap seam (tmu_core.service.swap.SwapBackend).
 
     def register(self, model: str, version: int, archive: Path, settings: Any) -> None:
-        """Stage the archive; serving it is :meth:`set_default`'s job."""
+        """Stage the archive unless the store holds it already; serving it is :meth:`set_default`'s job."""
+        if int(version) in self.staged(model):
+            logger.info("model=%s version=%d already staged", model, version)
+            return
         self.stage(model, version, archive)
 
     def set_default(self, model: str, version: int) -> None:
