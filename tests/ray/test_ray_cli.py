@@ -15,7 +15,7 @@ from tmu_core.serving.backend import BACKEND_FILE, TOKEN_FILE
 pytestmark = pytest.mark.ray
 
 
-def test_serve_start_on_ray_then_predict_rollback_and_stop(ray_cluster, serve_port, tmp_path):
+def test_serve_start_on_ray_then_predict_rollback_and_stop(serve_cluster, serve_port, tmp_path):
     workspace = make_versions(tmp_path, "m")
     base = ["--home", str(workspace.home), "--model-store", str(workspace.model_store)]
     image = tmp_path / "x.png"
@@ -23,7 +23,7 @@ def test_serve_start_on_ray_then_predict_rollback_and_stop(ray_cluster, serve_po
     runner = CliRunner()
     try:
         started = runner.invoke(cli, [*base, "serve", "start", "--backend", "ray", "--ray-address",
-                                      ray_cluster.address, "--replicas", "2", "--http-port", str(serve_port)])
+                                      serve_cluster.address, "--replicas", "2", "--http-port", str(serve_port)])
         assert started.exit_code == 0, started.output
         info = json.loads(started.stdout)
         assert info["backend"] == "ray" and info["models"] == {"m": 1} and len(info["replicas"]["m"]) == 2
@@ -31,7 +31,7 @@ def test_serve_start_on_ray_then_predict_rollback_and_stop(ray_cluster, serve_po
         assert json.loads((workspace.serve_dir / BACKEND_FILE).read_text())["kind"] == "ray"
 
         again = runner.invoke(cli, [*base, "serve", "start", "--backend", "ray", "--ray-address",
-                                    ray_cluster.address])
+                                    serve_cluster.address])
         assert again.exit_code == 0 and json.loads(again.stdout)["started"] == [], again.output
 
         predicted = runner.invoke(cli, [*base, "predict", str(image), "--model", "m", "--top-k", "2"])

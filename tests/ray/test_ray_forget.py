@@ -31,7 +31,7 @@ def _run_queue(workspace, job_id: str, timeout: float = 300.0):
     return jobs.get(job_id)
 
 
-def test_a_forget_job_swaps_every_replica_under_load(ray_cluster, serve_port, tmp_path):
+def test_a_forget_job_swaps_every_replica_under_load(serve_cluster, serve_port, tmp_path):
     from tmu_core.forget.intake import ForgetRequest
     from tmu_core.forget.submit import submit_request
     from tmu_core.service import swap
@@ -41,7 +41,7 @@ def test_a_forget_job_swaps_every_replica_under_load(ray_cluster, serve_port, tm
     workspace = make_workspace(tmp_path)
     make_index(workspace, tmp_path).close()
     v1 = make_v1(workspace)
-    write_backend(workspace.serve_dir, BackendSpec(kind="ray", address=ray_cluster.address, http_port=serve_port))
+    write_backend(workspace.serve_dir, BackendSpec(kind="ray", address=serve_cluster.address, http_port=serve_port))
     backend = swap.backend_for(workspace)
     swap.serve_only(workspace, "m", 1, v1.archive, None, swap.SwapSettings())
     image = (tmp_path / "tree" / "test" / "a" / "0000.png").read_bytes()

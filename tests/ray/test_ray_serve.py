@@ -20,12 +20,12 @@ CLIENTS = 16
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, serve_port, tmp_path_factory):
+def served(serve_cluster, serve_port, tmp_path_factory):
     """A workspace whose ``backend.json`` points at the cluster, serving v1 on 2 replicas."""
     from tmu_core.service import swap
 
     workspace = make_versions(tmp_path_factory.mktemp("ray_serve"), MODEL)
-    spec = BackendSpec(kind="ray", address=ray_cluster.address, http_port=serve_port, replicas=2)
+    spec = BackendSpec(kind="ray", address=serve_cluster.address, http_port=serve_port, replicas=2)
     write_backend(workspace.serve_dir, spec)
     backend = swap.backend_for(workspace)
     swap.serve_only(workspace, MODEL, 1, workspace.archive_path(MODEL, 1), None, swap.SwapSettings())

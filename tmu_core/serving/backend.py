@@ -50,7 +50,7 @@ class BackendSpec:
 
     kind: str = "torchserve"
     address: str | None = None
-    namespace: str = "tmu"
+    namespace: str = "tmu-serve"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_url: str | None = None
