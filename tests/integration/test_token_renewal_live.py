@@ -31,7 +31,7 @@ from tmu_core.serving.keys import read_keys
 from tmu_core.serving.torchserve import TorchServeConfig
 from tmu_core.train import CheckpointMeta, save_checkpoint
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # over two minutes of waiting for keys to expire
 
 RUN_S = 125.0  # two key lifetimes of 60 s, and a little more
 FORGET_AT_S = 65.0  # after the keys TorchServe started with have expired
