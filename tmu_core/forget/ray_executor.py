@@ -51,17 +51,11 @@ def actor_name(workspace: Any, model: str) -> str:
 
 
 def connect(address: str) -> bool:
-    """Join the cluster at ``address`` as a driver, with usage reporting off; False when this process was
-    connected already (then that connection is used, and left to its owner)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    """Join the cluster at ``address`` in this module's namespace (see
+    :func:`tmu_core.serving.ray_control.join_cluster`); False when this process was connected already."""
+    from tmu_core.serving.ray_control import join_cluster
 
-    if ray.is_initialized():
-        return False
-    host = address.rsplit(":", 1)[0]
-    extra = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, **extra)
-    return True
+    return join_cluster(address, NAMESPACE)
 
 
 class ModelActor:

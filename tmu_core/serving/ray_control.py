@@ -62,24 +62,29 @@ def route(model: str) -> str:
     return f"/predictions/{model}"
 
 
-def connect(spec: BackendSpec) -> None:
-    """Connect this process to the cluster at ``spec.address`` (once), with usage stats off.
+def join_cluster(address: str | None, namespace: str) -> bool:
+    """Connect this process to the Ray cluster at ``address`` as a driver, with usage stats off; False when it was
+    connected already (that connection is then used, and left to whoever opened it).
 
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a loopback cluster's driver on 127.0.0.1 on hosts that also
     have a routable address (there Ray otherwise binds that address and hangs); both are set only when unset.
+
+    Raises:
+        ServerError: the cluster cannot be reached.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
-        return
-    host = (spec.address or "").rsplit(":", 1)[0]
+        return False
+    host = (address or "").rsplit(":", 1)[0]
     extra = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
     try:
-        ray.init(address=spec.address, namespace=spec.namespace, log_to_driver=False, **extra)
+        ray.init(address=address, namespace=namespace, log_to_driver=False, **extra)
     except (ConnectionError, RuntimeError) as err:
-        raise ServerError(f"cannot connect to the Ray cluster at {spec.address}: {err}") from err
+        raise ServerError(f"cannot connect to the Ray cluster at {address}: {err}") from err
+    return True
 
 
 def start_http(spec: BackendSpec) -> None:
@@ -114,7 +119,7 @@ class RayServeBackend:
             raise ServerError(f"RayServeBackend needs a ray backend spec, got kind={spec.kind!r}")
         self.workspace, self.spec, self.timeout_s = workspace, spec, timeout_s
         self.token = load_or_create_token(workspace.serve_dir)
-        connect(spec)
+        join_cluster(spec.address, spec.namespace)
         start_http(spec)  # a no-op when Serve runs; without it there is no proxy to ask
 
     @property
@@ -331,4 +336,4 @@ def _bounded(action: Any, timeout_s: float, what: str) -> None:
         raise ServerError(f"{what} failed: {errors[0]}") from errors[0]
 
 
-__all__ = ["RayServeBackend", "ReplicaCheck", "app_name", "connect", "route", "start_http"]
+__all__ = ["RayServeBackend", "ReplicaCheck", "app_name", "join_cluster", "route", "start_http"]
