@@ -13,6 +13,7 @@ from tmu_core.config import Workspace
 from tmu_core.errors import ConflictError
 from tmu_core.service import server
 from tmu_core.state.jobs import JobStore
+from tmu_core.state.locks import current_holder, writer_lock_path
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +85,36 @@ def test_concurrent_starts_leave_exactly_one_writer(workspace):
     assert len(started) == 1 and len(refused) == 1, results
     assert f"pid {started[0].pid}" in str(refused[0])
     assert _answers_with(started[0], server.read_key(workspace)) == 200
+
+
+_STUBBORN = """
+import json, signal, sys, time
+from pathlib import Path
+from tmu_core.config import Workspace
+from tmu_core.state.locks import writer_lock
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ws = Workspace(home=Path(sys.argv[1]), model_store=Path(sys.argv[2]))
+lock = writer_lock(ws)
+ws.serve_dir.mkdir(parents=True, exist_ok=True)
+(ws.serve_dir / "extension.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "port": 9, "pid": __import__("os").getpid(), "key_file": ""}))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stop_returns_only_when_a_stubborn_service_is_gone_and_the_workspace_free(workspace):
+    """A service that ignores SIGTERM is killed, and stop() waits until its writer lock is free: a start right
+    after it must not be refused."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUBBORN, str(workspace.home), str(workspace.model_store)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert server.status(workspace).pid == proc.pid
+        assert server.stop(workspace, timeout=0.5)
+        assert proc.poll() is not None or server._alive(proc.pid) is False
+        assert current_holder(writer_lock_path(workspace)) is None
+        started = server.start(workspace, CONFIG)
+        assert _answers_with(started, server.read_key(workspace)) == 200
+    finally:
+        proc.kill()
+        proc.wait(10)

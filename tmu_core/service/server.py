@@ -41,6 +41,7 @@ KEY_FILE = "extension.key"
 INFO_FILE = "extension.json"
 PID_FILE = "extension.pid"
 LOG_FILE = "extension.log"
+KILL_WAIT_S = 10.0  # how long stop() waits for the process to be gone after SIGKILL
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def _build(workspace: Workspace, config: ServiceConfig) -> tuple[object, Dispatc
     key = write_key(workspace)
     dispatcher = Dispatcher(workspace, config.worker) if config.run_jobs else None
     app = create_app(ServiceState.open(workspace, key, dispatcher))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                            timeout_graceful_shutdown=5))
     return server, dispatcher, key
 
 
@@ -264,6 +266,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; True when it has."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def status(workspace: Workspace) -> ServiceInfo | None:
     """The running background service of ``workspace``, or None."""
     info = read_info(workspace)
@@ -325,12 +337,17 @@ def stop(workspace: Workspace, timeout: float = 20.0) -> bool:
     if info is None:
         return False
     os.kill(info.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(info.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(info.pid):
-        logger.warning("extension service pid=%d ignored SIGTERM; killing it", info.pid)
-        os.kill(info.pid, signal.SIGKILL)
+    if not _wait_gone(info.pid, timeout):
+        logger.warning("extension service pid=%d ignored SIGTERM for %.0fs; killing it", info.pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGKILL)
+        if not _wait_gone(info.pid, KILL_WAIT_S):
+            raise ServerError(f"the extension service pid={info.pid} still runs {KILL_WAIT_S:.0f}s after SIGKILL")
+    # The kernel frees the writer lock when the process is gone; wait for that too, so that a start right
+    # after this call finds the workspace free.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while current_holder(writer_lock_path(workspace)) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     for name in (INFO_FILE, PID_FILE):
         (workspace.serve_dir / name).unlink(missing_ok=True)
     return True
