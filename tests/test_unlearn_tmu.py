@@ -181,3 +181,15 @@ def test_tmu_runs_on_cuda(prob):
         after = correct_of(outcome.model, images, labels, device).float().mean().item()
         before = correct_of(prob.model.to(device), images, labels, device).float().mean().item()
         assert after < before
+
+
+@pytest.mark.parametrize("value, shown", [("None", "got 'None' (JSON null"), ("1.5", "got '1.5'"),
+                                          (float("nan"), "got nan"), (True, "got True")])
+def test_a_numeric_option_given_a_non_number_is_refused_with_what_is_accepted(value, shown):
+    with pytest.raises(InvalidInputError, match="guard_drop must be a number >= 0.0 and <= 100.0") as err:
+        get_method("tmu", guard_drop=value)
+    assert shown in str(err.value)
+
+
+def test_null_still_turns_the_guard_off():
+    assert get_method("tmu", guard_drop=None) is not None

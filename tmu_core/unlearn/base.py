@@ -11,10 +11,12 @@ one frozen dataclass (``options_type``) and offers two calls:
 
 from __future__ import annotations
 
+
 import abc
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +177,14 @@ def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def check_range(owner: str, name: str, value: float, low: float, high: float | None = None, *, low_open: bool = False) -> None:
-    """Raise ``InvalidInputError`` unless ``low <= value (<= high)``; ``low_open`` makes the low end strict."""
+    """Raise ``InvalidInputError`` unless ``value`` is a number and ``low <= value (<= high)``; ``low_open`` makes
+    the low end strict."""
+    bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        hint = " (JSON null, not None, turns an optional setting off)" if value == "None" else ""
+        raise InvalidInputError(f"{owner}: {name} must be a number {bound}, got {value!r}{hint}")
     too_low = value <= low if low_open else value < low
     if too_low or (high is not None and value > high):
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise InvalidInputError(f"{owner}: {name} must be {bound}, got {value!r}")
 
 
