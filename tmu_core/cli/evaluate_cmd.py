@@ -60,15 +60,27 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @click.option("--variant", "variants", multiple=True,
               help="Extra row: a method with options, method:key=value,... (e.g. tmu:cf_per_request=true or "
                    "fisher:alpha=0.03); repeatable.")
+@click.option("--sequential", "requests", type=click.IntRange(min=1), default=None,
+              help="K forget requests in a row (random or owner shape), each on the previous request's model, "
+                   "scored after each against the gold retrained without all forgotten so far.")
+@click.option("--floor-every", type=click.IntRange(min=1), default=None,
+              help="With --sequential: train the floor gold every N steps and at the last (default: last only).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
              methods: str | None, classes: str | None, forget_size: int | None, forget_shape: str | None,
              forget_fraction: float | None, owners: int | None, experiments: int | None, seeds: str | None,
              epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
-             variants: tuple[str, ...], progress: bool) -> None:
+             variants: tuple[str, ...], requests: int | None, floor_every: int | None, progress: bool) -> None:
     """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
     from tmu_core.device import resolve_device
-    from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol
+    from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol, run_sequential
+    from tmu_core.evaluate.sequential import format_drift
+
+    if requests is not None and experiments is not None:
+        raise click.BadParameter("--sequential K sets the number of forget sets; leave out --experiments",
+                                 param_hint="--experiments")
+    if floor_every is not None and requests is None:
+        raise click.BadParameter("applies to --sequential runs only", param_hint="--floor-every")
 
     noise_levels = _numbers(noise, "--noise", float) or []
     with tmu_errors():
@@ -88,7 +100,13 @@ def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_
             experiments=experiments,
         )
         out = out_dir if out_dir is not None else Path("runs") / protocol_name
-        result = run_protocol(protocol, out, resolve_device(device), cache_dir=cache_dir, progress=progress)
+        if requests is None:
+            result = run_protocol(protocol, out, resolve_device(device), cache_dir=cache_dir, progress=progress)
+        else:
+            result = run_sequential(protocol, requests, out, resolve_device(device), cache_dir=cache_dir,
+                                    floor_every=floor_every, progress=progress)
+            click.echo(format_drift(result))
+            click.echo("")
     click.echo(format_table(result))
     click.echo("")
     for kind, path in result.files.items():

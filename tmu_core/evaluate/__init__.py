@@ -30,6 +30,7 @@ from tmu_core.evaluate.protocols import (
 )
 from tmu_core.evaluate.report import format_table, write_outputs
 from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, SplitSummary, mean_rows
+from tmu_core.evaluate.sequential import run_sequential
 
 __all__ = [
     "AttackResult",
@@ -53,6 +54,7 @@ __all__ = [
     "loss_threshold_attack",
     "mean_rows",
     "run_protocol",
+    "run_sequential",
     "sample_losses",
     "tmu_variants",
     "write_outputs",

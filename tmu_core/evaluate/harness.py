@@ -15,7 +15,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,28 @@ def _forget_size(draws: Mapping[int, tuple[ForgetDraw, ...]]) -> int:
     return round(sum(sizes) / len(sizes))
 
 
+@contextmanager
+def open_run(protocol: Protocol, cache_dir: Path, device: torch.device,
+             draws: Callable[[Any, int], tuple[ForgetDraw, ...]], steps: int, progress: bool) -> Iterator[_Run]:
+    """Open the index, draw every seed's forget sets (before any training, so bad sizes fail fast), load the
+    training set and the test split into memory and show a progress bar of ``steps``; clean up on exit."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index = open_index(protocol.source, cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="evaluate-", dir=cache_dir))
+    try:
+        seed_draws = {seed: draws(index, seed) for seed in protocol.seeds}
+        split = split_test(index, protocol.twin_fraction, protocol.split_seed)
+        preprocess = protocol.source.preprocess(index.image_shape[0] if index.image_shape else 3)
+        reader = index if preprocess is None else index.view(preprocess)
+        source = MemorySource(reader, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
+        with tqdm(total=steps, disable=not progress, unit="step") as bar:
+            yield _Run(protocol, source, split, seed_draws, _tensors(source, split), device, cache_dir, workdir, bar)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        index.close()
+
+
 def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_dir: Path | None = None,
                  progress: bool = True) -> ProtocolResult:
     """Run ``protocol`` and write ``results.json``, ``results.csv``, ``results.png`` and ``results.txt``.
@@ -250,30 +273,18 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
             data, or a method rejects its options.
     """
     started = time.perf_counter()
-    out_dir, cache_dir = Path(out_dir), Path(cache_dir) if cache_dir is not None else Path(out_dir) / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    index = open_index(protocol.source, cache_dir)
-    workdir = Path(tempfile.mkdtemp(prefix="evaluate-", dir=cache_dir))
-    try:
-        draws = {seed: _draws(protocol, index, seed) for seed in protocol.seeds}
-        split = split_test(index, protocol.twin_fraction, protocol.split_seed)
-        preprocess = protocol.source.preprocess(index.image_shape[0] if index.image_shape else 3)
-        reader = index if preprocess is None else index.view(preprocess)
-        source = MemorySource(reader, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
-        with tqdm(total=_steps(protocol), disable=not progress, unit="step") as bar:
-            run = _Run(protocol, source, split, draws, _tensors(source, split), device, cache_dir, workdir, bar)
-            results = [_run_seed(run, seed) for seed in protocol.seeds]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        index.close()
+    with open_run(protocol, cache_dir if cache_dir is not None else Path(out_dir) / "cache", device,
+                  lambda index, seed: _draws(protocol, index, seed), _steps(protocol), progress) as run:
+        results = [_run_seed(run, seed) for seed in protocol.seeds]
     rows = tuple(row for _, seed_rows in results for row in seed_rows)
     result = ProtocolResult(
         protocol=protocol.to_dict(),
         device=str(device),
-        splits=SplitSummary(len(run.tensors.train_ids), len(split.twin_ids), len(split.eval_ids), _forget_size(draws)),
+        splits=SplitSummary(len(run.tensors.train_ids), len(run.split.twin_ids), len(run.split.eval_ids),
+                            _forget_size(run.draws)),
         originals=tuple(summary for summary, _ in results),
         rows=rows,
         means=mean_rows(rows),
         wall_seconds=time.perf_counter() - started,
     )
-    return write_outputs(result, out_dir)
+    return write_outputs(result, Path(out_dir))
