@@ -66,11 +66,17 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @click.option("--floor-every", type=click.IntRange(min=1), default=None,
               help="With --sequential: train the floor gold every N steps and at the last (default: last only).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option("--mia", type=click.Choice(("population", "lira")), default=None,
+              help="Membership test: population (the loss-threshold attack, the default) or lira (also the "
+                   "per-example LiRA test against shadow models: AUC and TPR at 1%/5% FPR on every row).")
+@click.option("--lira-shadows", type=int, default=None,
+              help="Shadow models per seed for --mia lira, an even number >= 4 (default 8); one training each, cached.")
 def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
              methods: str | None, classes: str | None, forget_size: int | None, forget_shape: str | None,
              forget_fraction: float | None, owners: int | None, experiments: int | None, seeds: str | None,
              epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
-             variants: tuple[str, ...], requests: int | None, floor_every: int | None, progress: bool) -> None:
+             variants: tuple[str, ...], requests: int | None, floor_every: int | None, progress: bool,
+             mia: str | None, lira_shadows: int | None) -> None:
     """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
     from tmu_core.device import resolve_device
     from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol, run_sequential
@@ -98,6 +104,8 @@ def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_
             forget_fraction=forget_fraction,
             owners=owners,
             experiments=experiments,
+            mia=mia,
+            lira_shadows=lira_shadows,
         )
         out = out_dir if out_dir is not None else Path("runs") / protocol_name
         if requests is None:

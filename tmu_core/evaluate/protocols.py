@@ -16,6 +16,10 @@ and the eval part, which no method ever sees; ACC_Dtest and the membership attac
 Every built-in protocol forgets samples of one class per experiment (forget shape ``class``); ``forget_shape``
 ``random`` forgets a fraction of the training set over all classes and ``owner`` one owner or a batch of owners of
 a synthetic owner map, ``experiments`` forget sets per seed (default: as many as there are forget classes).
+
+Every protocol scores membership with the population loss-threshold attack (``mia="population"``); ``mia="lira"``
+adds the per-example LiRA test (:mod:`tmu_core.evaluate.lira`) at the cost of ``lira_shadows`` more trainings per
+seed, cached like the other models.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tmu_core.errors import InvalidInputError
+from tmu_core.evaluate.lira import MIA_KINDS, check_shadow_count
 from tmu_core.evaluate.splits import FORGET_SHAPES
 from tmu_core.preprocess import Preprocess
 from tmu_core.train import TrainConfig
@@ -130,6 +135,9 @@ class Protocol:
         twin_fraction: share of each class's test images given to the twin part; the rest is the eval part.
         split_seed: seed of the twin/eval split.
         mia_alpha: quantile of non-member losses used as the attack threshold (its false-positive rate).
+        mia: membership test: ``population`` (the loss-threshold attack alone) or ``lira`` (that attack and the
+            per-example LiRA test against shadow models: AUC and TPR at 1% and 5% FPR on every row).
+        lira_shadows: shadow models per seed for ``lira``: an even number >= 4 (complementary pairs).
         floor_seed_offset: the floor gold uses seed ``seed + floor_seed_offset``.
         eval_batch_size: batch size of inference.
     """
@@ -151,6 +159,8 @@ class Protocol:
     mia_alpha: float = 0.5
     floor_seed_offset: int = 1000
     eval_batch_size: int = 512
+    mia: str = "population"
+    lira_shadows: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "forget_classes", tuple(self.forget_classes))
@@ -166,6 +176,9 @@ class Protocol:
             raise InvalidInputError(f"twin_fraction must be in (0, 1), got {self.twin_fraction}")
         if not 0.0 < self.mia_alpha < 1.0:
             raise InvalidInputError(f"mia_alpha must be in (0, 1), got {self.mia_alpha}")
+        if self.mia not in MIA_KINDS:
+            raise InvalidInputError(f"unknown membership test mia={self.mia!r}; accepted: {', '.join(MIA_KINDS)}")
+        check_shadow_count(self.lira_shadows)
         _check_methods(self.methods)
         from tmu_core.models import build_model
 
@@ -373,6 +386,8 @@ def customize(
     forget_fraction: float | None = None,
     owners: int | None = None,
     experiments: int | None = None,
+    mia: str | None = None,
+    lira_shadows: int | None = None,
 ) -> Protocol:
     """A copy of ``protocol`` with some choices replaced (the CLI's overrides).
 
@@ -391,10 +406,13 @@ def customize(
         forget_fraction: share of the training set per ``random`` experiment (SalUn uses 0.01 and 0.1).
         owners: owners per ``owner`` experiment.
         experiments: forget sets per seed for the ``random`` and ``owner`` shapes.
+        mia: the membership test, ``population`` or ``lira``.
+        lira_shadows: shadow models per seed of the ``lira`` test.
 
     Raises:
-        InvalidInputError: any value the protocol rejects, ablations asked for without ``tmu``, or an option
-            that the forget shape does not take (e.g. ``forget_size`` with ``random``).
+        InvalidInputError: any value the protocol rejects, ablations asked for without ``tmu``, an option
+            that the forget shape does not take (e.g. ``forget_size`` with ``random``), or ``lira_shadows``
+            without the ``lira`` test.
     """
     shape = forget_shape if forget_shape is not None else protocol.forget_shape
     _check_shape_options(shape, {"--classes": classes, "--forget-size": forget_size,
@@ -425,7 +443,21 @@ def customize(
     shape_options = {"forget_shape": forget_shape, "forget_fraction": forget_fraction, "owners": owners,
                      "experiments": experiments}
     changes.update({name: value for name, value in shape_options.items() if value is not None})
+    changes.update(_mia_changes(protocol, mia, lira_shadows))
     return replace(protocol, **changes)
+
+
+def _mia_changes(protocol: Protocol, mia: str | None, lira_shadows: int | None) -> dict[str, Any]:
+    """The membership-test overrides; a shadow count is refused where no LiRA test would use it."""
+    test = mia if mia is not None else protocol.mia
+    if lira_shadows is not None and test != "lira":
+        raise InvalidInputError(f"--lira-shadows applies to --mia lira, not to {test} (--mia)")
+    changes: dict[str, Any] = {}
+    if mia is not None:
+        changes["mia"] = mia
+    if lira_shadows is not None:
+        changes["lira_shadows"] = lira_shadows
+    return changes
 
 
 _SHAPE_OPTIONS = {"--classes": ("class",), "--forget-size": ("class",), "--forget-fraction": ("random",),
