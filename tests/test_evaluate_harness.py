@@ -64,6 +64,7 @@ def test_rows_cover_every_model_and_the_mean(run):
     assert [row.method for row in result.means] == LABELS
     assert all(row.forget_class == 3 and row.seed == 0 for row in result.rows)
     assert all(row.runs == 1 and row.class_name == "mean" for row in result.means)
+    assert all(row.lira_auc is None and row.lira_gap is None for row in (*result.rows, *result.means))
     assert result.splits.forget == 15
     assert result.splits.twin + result.splits.eval == 359  # the digits test split, cut in two
 
@@ -124,6 +125,7 @@ def test_png_and_table_are_written(run):
     for label in LABELS:
         assert f"\n{label} " in table
     assert "eval split" in table and "twin" in table and "train accuracy" in table
+    assert "LiRA" not in table and result.originals[0].shadows is None  # the population attack alone
 
 
 def test_a_rerun_reuses_cached_models(run, tmp_path, cache_dir):

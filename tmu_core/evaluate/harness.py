@@ -6,6 +6,11 @@ see the protocol's forget shape): take the forget ids, train (or read) the gold 
 with another seed (the floor), run each method's forget request and score every model against the gold. Gold
 and floor models are cached under the fingerprint of D_r, so each forget set has its own. The index is only
 read: the run works on ids.
+
+With ``mia="lira"`` each seed also trains (or reads) ``lira_shadows`` shadow models after the original, on
+complementary random halves of the training set and the eval split (:mod:`tmu_core.evaluate.lira`); they are
+run once, and every row then gets the LiRA test of D_f against as many eval-split samples. The shadows see half
+of the eval split so that the non-members have IN statistics too; the models under test never see it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from tmu_core.evaluate.cache import TrainedModel, open_index, trained_model
+from tmu_core.evaluate.lira import ShadowStats, fit_shadow_stats, shadow_membership, shadow_seeds
 from tmu_core.evaluate.metrics import accuracy
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
 from tmu_core.evaluate.report import write_outputs
-from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, SplitSummary, mean_rows
+from tmu_core.evaluate.results import (
+    MethodResult,
+    OriginalSummary,
+    ProtocolResult,
+    ShadowSummary,
+    SplitSummary,
+    mean_rows,
+)
 from tmu_core.evaluate.scoring import (
     EvalTensors,
     ForgetSet,
@@ -37,9 +50,11 @@ from tmu_core.evaluate.scoring import (
     RowInfo,
     Scores,
     hard_mask,
+    lira_targets,
     make_forget_set,
     make_row,
     model_outputs,
+    population_confidence,
     score,
 )
 from tmu_core.evaluate.splits import ForgetDraw, TestSplit, draw_forget_sets, split_test
@@ -172,10 +187,31 @@ def _method_row(run: _Run, item: _Prepared, original: TrainedModel, data: Unlear
     return make_row(info, scores, gold_scores, forget_set)
 
 
+def _shadows(run: _Run, seed: int) -> tuple[ShadowStats, ShadowSummary]:
+    """Train (or read) the seed's LiRA shadows, run each once, and fit every sample's IN and OUT Gaussians."""
+    population = (*run.tensors.train_ids, *run.tensors.eval_ids)  # the order of population_confidence
+    count = run.protocol.lira_shadows
+    membership = shadow_membership(len(population), count, seed)
+    phis, cached, seconds = [], 0, 0.0
+    for shadow, (inside, shadow_seed) in enumerate(zip(membership.tolist(), shadow_seeds(seed, count))):
+        _step(run, f"seed {seed}: LiRA shadow {shadow + 1}/{count}")
+        ids = tuple(sample for sample, member in zip(population, inside) if member)
+        trained = _train(run, ids, shadow_seed, "shadow")
+        phis.append(population_confidence(_outputs(run, trained.model), run.tensors))
+        cached, seconds = cached + trained.cached, seconds + trained.seconds
+    phi = torch.stack(phis)  # (S, P)
+    if not bool(torch.isfinite(phi).all()):
+        logger.warning("seed=%d: LiRA shadows gave NaN or infinite outputs; the LiRA numbers are not meaningful", seed)
+    stats = fit_shadow_stats(phi, membership)
+    return stats, ShadowSummary(count, cached, seconds, stats.per_example_variance)
+
+
 def _run_forget_set(run: _Run, seed: int, draw: ForgetDraw, original: TrainedModel, original_outputs: Outputs,
-                    prepared: list[_Prepared]) -> list[MethodResult]:
+                    prepared: list[_Prepared], shadows: ShadowStats | None) -> list[MethodResult]:
     protocol = run.protocol
     forget_set = make_forget_set(run.tensors, seed, draw.forget_class, draw.name, draw.forget_ids, draw.details)
+    if shadows is not None:
+        forget_set = replace(forget_set, lira=lira_targets(shadows, run.tensors, forget_set.forget_rows, seed))
     _step(run, f"seed {seed} {forget_set.title}: gold")
     gold = _train(run, forget_set.retain_ids, seed, "gold")
     gold_scores = score(_outputs(run, gold.model), run.tensors, forget_set, protocol.mia_alpha)
@@ -199,13 +235,17 @@ def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]
         cached=original.cached,
         checkpoint=str(original.path),
     )
+    stats = None
+    if run.protocol.mia == "lira":
+        stats, shadow_summary = _shadows(run, seed)
+        summary = replace(summary, shadows=shadow_summary)
     if summary.train_accuracy < 95.0:
         logger.warning("original model seed=%d fits only %.1f%% of its training set (target >= 95%%); "
                        "forgetting is barely measurable below that", seed, summary.train_accuracy)
     prepared = _prepare_methods(run, original, seed)
     rows = []
     for draw in run.draws[seed]:
-        rows += _run_forget_set(run, seed, draw, original, original_outputs, prepared)
+        rows += _run_forget_set(run, seed, draw, original, original_outputs, prepared, stats)
     return summary, rows
 
 
@@ -223,7 +263,8 @@ def _draws(protocol: Protocol, index: Any, seed: int) -> tuple[ForgetDraw, ...]:
 
 def _steps(protocol: Protocol) -> int:
     per_class = 2 + len(protocol.methods)
-    return len(protocol.seeds) * (1 + len(protocol.methods) + protocol.experiment_count * per_class)
+    shadows = protocol.lira_shadows if protocol.mia == "lira" else 0
+    return len(protocol.seeds) * (1 + shadows + len(protocol.methods) + protocol.experiment_count * per_class)
 
 
 def _forget_size(draws: Mapping[int, tuple[ForgetDraw, ...]]) -> int:

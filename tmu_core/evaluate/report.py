@@ -19,28 +19,57 @@ logger = logging.getLogger(__name__)
 CSV_COLUMNS = (
     "method", "kind", "forget_class", "class_name", "seed", "acc_dtest", "acc_df", "delta", "ad",
     "asr", "gold_asr", "acc_dr", "acc_gl", "seconds", "prepare_seconds", "runs",
+    "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap",
 )
 _HEADER = (
     f"{'method':<26}{'ACC_Dtest':>10}{'ACC_Df':>8}{'Delta':>7}{'AD':>7}{'ASR':>7}{'ASRgold':>8}"
     f"{'ACC_Dr':>8}{'ACC_gl':>8}{'seconds':>9}{'prep_s':>8}"
 )
+_LIRA_HEADER = f"{'LiRA':>7}{'LiRAgap':>8}"
 
 
 def _opt(value: float | None, width: int, digits: int = 1) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def format_row(row: MethodResult) -> str:
-    """One fixed-width table line for a row."""
-    return (
+def format_row(row: MethodResult, lira: bool = False) -> str:
+    """One fixed-width table line for a row; ``lira`` adds its LiRA AUC and gap to the gold's AUC."""
+    line = (
         f"{row.method:<26}{row.acc_dtest:>10.2f}{row.acc_df:>8.1f}{row.delta:>7.1f}{row.ad:>7.3f}"
         f"{row.asr:>7.1f}{row.gold_asr:>8.1f}{row.acc_dr:>8.1f}{_opt(row.acc_gl, 8)}"
         f"{row.seconds:>9.1f}{_opt(row.prepare_seconds, 8)}"
     )
+    if lira:
+        line += f"{_opt(row.lira_auc, 7, 3)}{_opt(row.lira_gap, 8, 3)}"
+    return line
 
 
-def _section(title: str, rows: Sequence[MethodResult]) -> list[str]:
-    return [title, _HEADER, *(format_row(row) for row in rows), ""]
+def _uses_lira(result: ProtocolResult) -> bool:
+    """Whether the run scored the LiRA test (results written before it existed did not)."""
+    return result.protocol.get("mia", "population") == "lira"
+
+
+def _section(title: str, rows: Sequence[MethodResult], lira: bool) -> list[str]:
+    header = _HEADER + _LIRA_HEADER if lira else _HEADER
+    return [title, header, *(format_row(row, lira) for row in rows), ""]
+
+
+def _lira_lines(result: ProtocolResult) -> list[str]:
+    """What the LiRA columns mean and what the shadows cost, when the run used the test."""
+    if not _uses_lira(result):
+        return []
+    lines = [
+        f"LiRA = AUC of the per-example likelihood-ratio test ({result.protocol['lira_shadows']} shadow models a "
+        "seed) telling D_f from as many eval-split samples (0.5: D_f looks unseen); LiRAgap = |LiRA - gold LiRA|; "
+        "TPR at 1% and 5% FPR in results.csv and results.json",
+    ]
+    for original in result.originals:
+        shadows = original.shadows
+        if shadows is not None:
+            variance = "per-sample" if shadows.per_example_variance else "fixed"
+            lines.append(f"LiRA shadows seed {original.seed}: {shadows.count} trained in {shadows.seconds:.0f} s "
+                         f"({shadows.cached} cached), {variance} variance")
+    return lines
 
 
 def _forget_text(proto: Mapping[str, Any], forget: int) -> str:
@@ -78,7 +107,7 @@ def _preamble(result: ProtocolResult) -> list[str]:
             f"(target >= 95), eval accuracy {original.eval_accuracy:.2f}%, trained in {original.seconds:.0f} s"
             f"{' (cached)' if original.cached else ''}"
         )
-    return lines + [""]
+    return lines + _lira_lines(result) + [""]
 
 
 def _experiment_key(row: MethodResult) -> tuple[int | None, int | None, str]:
@@ -110,11 +139,11 @@ def format_table(result: ProtocolResult) -> str:
     Returns:
         Multi-line text, ready to print.
     """
-    lines = _preamble(result)
+    lines, lira = _preamble(result), _uses_lira(result)
     sections = _experiments(result.rows)
     for (seed, forget_class, name), rows in sections.items():
-        lines += _section(_section_title(forget_class, name, seed, rows), rows)
-    lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means))
+        lines += _section(_section_title(forget_class, name, seed, rows), rows, lira)
+    lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means), lira)
     return "\n".join(lines)
 
 

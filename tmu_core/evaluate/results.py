@@ -32,6 +32,11 @@ class MethodResult:
             ``None`` for models that predict no such labels. On the floor row: how often the two golds agree.
         seconds: wall time of the unlearning request, or of the training for original/gold/floor rows.
         prepare_seconds: wall time of the method's per-model preparation (not part of ``seconds``).
+        lira_auc: ROC AUC in ``[0, 1]`` of the per-example LiRA test telling D_f from as many eval-split samples
+            (0.5: D_f looks as unseen as those); ``None`` unless the run used ``mia="lira"``.
+        lira_tpr1: that test's true-positive rate (%) at 1% false-positive rate (coarse on a few hundred samples).
+        lira_tpr5: its true-positive rate (%) at 5% false-positive rate.
+        lira_gap: ``|lira_auc - gold lira_auc|`` on the same forget set (0 on the gold row).
         runs: how many (seed, experiment) rows a mean row averages; 1 otherwise.
         details: what the method reported about itself (JSON-compatible).
     """
@@ -51,8 +56,29 @@ class MethodResult:
     acc_gl: float | None
     seconds: float
     prepare_seconds: float | None = None
+    lira_auc: float | None = None
+    lira_tpr1: float | None = None
+    lira_tpr5: float | None = None
+    lira_gap: float | None = None
     runs: int = 1
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    """The LiRA shadow models of one seed: how many, how many came from the cache, what they cost.
+
+    Attributes:
+        count: shadow models (complementary pairs over the training set and the eval split).
+        cached: how many of them this run read from the cache.
+        seconds: their summed training wall time (as first measured, also when read from the cache).
+        per_example_variance: whether the fit gave each sample its own variances (else one per IN/OUT side).
+    """
+
+    count: int
+    cached: int
+    seconds: float
+    per_example_variance: bool
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,7 @@ class OriginalSummary:
         seconds: training wall time (the time it took when first trained, also when read from the cache).
         cached: whether this run read it from the cache.
         checkpoint: path of the cached checkpoint.
+        shadows: the seed's LiRA shadow models; ``None`` unless the run used ``mia="lira"``.
     """
 
     seed: int
@@ -74,6 +101,7 @@ class OriginalSummary:
     seconds: float
     cached: bool
     checkpoint: str
+    shadows: ShadowSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +140,8 @@ class ProtocolResult:
 
 
 _AVERAGED = ("acc_dtest", "acc_df", "delta", "ad", "asr", "gold_asr", "acc_dr", "seconds")
+# Averaged over the rows that have them; None when none has.
+_AVERAGED_OPTIONAL = ("acc_gl", "prepare_seconds", "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap")
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -133,8 +163,9 @@ def mean_rows(rows: Sequence[MethodResult]) -> tuple[MethodResult, ...]:
     means = []
     for label, group in groups.items():
         values = {name: _mean([getattr(row, name) for row in group]) for name in _AVERAGED}
-        gls = [row.acc_gl for row in group if row.acc_gl is not None]
-        prepares = [row.prepare_seconds for row in group if row.prepare_seconds is not None]
+        for name in _AVERAGED_OPTIONAL:
+            present = [getattr(row, name) for row in group if getattr(row, name) is not None]
+            values[name] = _mean(present) if present else None
         means.append(
             MethodResult(
                 method=label,
@@ -142,8 +173,6 @@ def mean_rows(rows: Sequence[MethodResult]) -> tuple[MethodResult, ...]:
                 forget_class=None,
                 class_name="mean",
                 seed=None,
-                acc_gl=_mean(gls) if gls else None,
-                prepare_seconds=_mean(prepares) if prepares else None,
                 runs=len(group),
                 **values,
             )

@@ -2,6 +2,10 @@
 
 A run keeps all training and eval-split images in memory (:class:`MemorySource`), so each model is run once
 over D_r + D_f and once over the eval split; D_f and D_r are row subsets of the training logits.
+
+With the LiRA test (``Protocol.mia == "lira"``) the shadow models' population is the training set followed by the
+eval split, in the order of :class:`EvalTensors`: :func:`population_confidence` gives a model's ``phi`` over it,
+and a forget set's :class:`LiraTargets` name D_f and its non-members among those columns.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError
+from tmu_core.evaluate.lira import LiraResult, ShadowStats, likelihood_ratio, logit_confidence, membership_test
 from tmu_core.evaluate.metrics import (
     accuracy,
     activation_distance,
@@ -94,11 +100,27 @@ class Outputs:
 
 
 @dataclass(frozen=True)
+class LiraTargets:
+    """The samples one forget set's LiRA test ranks, and their shadow statistics.
+
+    Attributes:
+        member_rows: (N,) rows of D_f among the training logits (the members).
+        nonmember_rows: (M,) rows of the non-members among the eval-split logits.
+        stats: the shadow statistics of the members, then the non-members, in that order.
+    """
+
+    member_rows: torch.Tensor
+    nonmember_rows: torch.Tensor
+    stats: ShadowStats
+
+
+@dataclass(frozen=True)
 class ForgetSet:
     """One forget experiment: the forget ids and their rows among the training ids.
 
     ``forget_class`` is ``None`` and ``class_name`` the experiment's name (``random-1%-0``, ``owner-0``) for the
     forget shapes whose sets span classes; ``details`` describes such a draw and is added to every row.
+    ``lira`` is set when the run scores every model with the LiRA test too.
     """
 
     seed: int
@@ -109,6 +131,7 @@ class ForgetSet:
     forget_rows: torch.Tensor
     retain_rows: torch.Tensor
     details: Mapping[str, Any] = field(default_factory=dict)
+    lira: LiraTargets | None = None
 
     @property
     def title(self) -> str:
@@ -129,6 +152,7 @@ class Scores:
     forget_logits: torch.Tensor
     forget_correct: torch.Tensor
     details: Mapping[str, Any] = field(default_factory=dict)
+    lira: LiraResult | None = None
 
 
 def make_forget_set(tensors: EvalTensors, seed: int, forget_class: int | None, class_name: str,
@@ -151,10 +175,44 @@ def model_outputs(model: nn.Module, source: MemorySource, tensors: EvalTensors, 
     return Outputs(train_logits, eval_logits)
 
 
+def population_confidence(outputs: Outputs, tensors: EvalTensors) -> torch.Tensor:
+    """(P,) a model's LiRA statistic over the shadows' population: the training set, then the eval split."""
+    logits = torch.cat([outputs.train_logits, outputs.eval_logits])
+    return logit_confidence(logits, torch.cat([tensors.train_labels, tensors.eval_labels]))
+
+
+def lira_targets(stats: ShadowStats, tensors: EvalTensors, forget_rows: torch.Tensor, seed: int) -> LiraTargets:
+    """D_f as members against as many eval-split samples as non-members (all of them when the split is smaller).
+
+    The non-members are the first ones of a permutation of the eval split seeded with ``seed``, so every row of a
+    forget set, and every forget set of a seed, ranks the same ones.
+
+    Args:
+        stats: the shadow statistics over the whole population (:func:`population_confidence`'s order).
+        tensors: the run's ids and labels.
+        forget_rows: (N,) rows of D_f among the training ids.
+        seed: the protocol seed.
+    """
+    size = min(len(forget_rows), len(tensors.eval_ids))
+    nonmember_rows = torch.randperm(len(tensors.eval_ids), generator=generator(seed))[:size]
+    columns = torch.cat([forget_rows, len(tensors.train_ids) + nonmember_rows])
+    return LiraTargets(forget_rows, nonmember_rows, stats.select(columns))
+
+
+def lira_score(outputs: Outputs, tensors: EvalTensors, targets: LiraTargets) -> LiraResult:
+    """The LiRA test of one model: its likelihood ratios on the members against those on the non-members."""
+    members = logit_confidence(outputs.train_logits[targets.member_rows], tensors.train_labels[targets.member_rows])
+    nonmembers = logit_confidence(outputs.eval_logits[targets.nonmember_rows],
+                                  tensors.eval_labels[targets.nonmember_rows])
+    ratios = likelihood_ratio(torch.cat([members, nonmembers]), targets.stats)
+    return membership_test(ratios[: len(members)], ratios[len(members):])
+
+
 def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: float) -> Scores:
     """Accuracies on the eval split, D_f and D_r, and the loss-threshold attack's success rate on D_f.
 
-    The attack threshold is calibrated on this same model's losses on the eval split (non-members).
+    The attack threshold is calibrated on this same model's losses on the eval split (non-members). When the
+    forget set carries :class:`LiraTargets`, the LiRA test is run as well.
     """
     forget_logits = outputs.train_logits[forget_set.forget_rows]
     forget_labels = tensors.train_labels[forget_set.forget_rows]
@@ -175,6 +233,7 @@ def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: 
         forget_correct=correct_mask(forget_logits, forget_labels),
         details={"mia_threshold": attack.threshold, "mia_false_positive_rate": attack.false_positive_rate,
                  "non_finite_outputs": non_finite},
+        lira=lira_score(outputs, tensors, forget_set.lira) if forget_set.lira is not None else None,
     )
 
 
@@ -194,6 +253,14 @@ class RowInfo:
     prepare_seconds: float | None = None
     predicted_hard: torch.Tensor | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _lira_fields(scores: Scores, gold: Scores) -> dict[str, float | None]:
+    """The row's LiRA numbers (all ``None`` without the test); the gap is the distance to the gold's AUC."""
+    if scores.lira is None or gold.lira is None:
+        return {}
+    return {"lira_auc": scores.lira.auc, "lira_tpr1": scores.lira.tpr1, "lira_tpr5": scores.lira.tpr5,
+            "lira_gap": abs(scores.lira.auc - gold.lira.auc)}
 
 
 def make_row(info: RowInfo, scores: Scores, gold: Scores, forget_set: ForgetSet) -> MethodResult:
@@ -217,5 +284,6 @@ def make_row(info: RowInfo, scores: Scores, gold: Scores, forget_set: ForgetSet)
         acc_gl=acc_gl,
         seconds=info.seconds,
         prepare_seconds=info.prepare_seconds,
+        **_lira_fields(scores, gold),
         details={**forget_set.details, **scores.details, **info.details},
     )
