@@ -34,14 +34,8 @@ from tmu_core.evaluate.lira import ShadowStats, fit_shadow_stats, shadow_members
 from tmu_core.evaluate.metrics import accuracy
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
 from tmu_core.evaluate.report import write_outputs
-from tmu_core.evaluate.results import (
-    MethodResult,
-    OriginalSummary,
-    ProtocolResult,
-    ShadowSummary,
-    SplitSummary,
-    mean_rows,
-)
+from tmu_core.evaluate.results import (MethodResult, OriginalSummary, ProtocolResult, ShadowSummary, SplitSummary,
+                                       mean_rows)
 from tmu_core.evaluate.scoring import (
     EvalTensors,
     ForgetSet,
