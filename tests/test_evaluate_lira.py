@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tmu_core.cli import cli
 from tmu_core.cli import evaluate_cmd  # noqa: F401  attaches the evaluate command
 from tmu_core.errors import InvalidInputError
-from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol
+from tmu_core.evaluate import MethodSpec, builtin_protocol, customize, format_table, run_protocol, run_sequential
 from tmu_core.evaluate.harness import _steps
 from tmu_core.evaluate.lira import (
     fit_shadow_stats,
@@ -274,3 +274,17 @@ def test_a_rerun_through_the_cli_reads_the_shadows_from_the_cache(lira_run, tmp_
     assert sum(m.startswith("cached shadow model") for m in messages) == 4
     again = json.loads((tmp_path / "results.json").read_text())
     assert [row["lira_auc"] for row in again["rows"]] == pytest.approx([row.lira_auc for row in result.rows])
+
+
+def test_sequential_requests_score_the_union_with_the_seeds_shadows(lira_run, tmp_path):
+    _, _, cache_dir = lira_run
+    protocol = replace(_lira_protocol(), forget_shape="owner", owners=2,
+                       methods=(MethodSpec("finetune", "finetune", {"epochs": 1}),))
+    result = run_sequential(protocol, 2, tmp_path, CPU, cache_dir=cache_dir, progress=False)
+    assert result.originals[0].cached and result.originals[0].shadows.cached == 4  # the class run's shadows
+    assert {row.method for row in result.rows} == {"original", "gold", "gold-floor", "finetune"}
+    for row in result.rows:
+        assert 0.0 <= row.lira_auc <= 1.0
+    golds = [row for row in result.rows if row.kind == "gold"]
+    assert [row.lira_gap for row in golds] == [0.0, 0.0]
+    assert "LiRA LiRAgap" in (tmp_path / "results.txt").read_text()

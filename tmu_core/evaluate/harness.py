@@ -200,12 +200,30 @@ def _shadows(run: _Run, seed: int) -> tuple[ShadowStats, ShadowSummary]:
     return stats, ShadowSummary(count, cached, seconds, stats.per_example_variance)
 
 
+def _seed_shadows(run: _Run, seed: int) -> tuple[ShadowStats | None, ShadowSummary | None]:
+    """The seed's shadow statistics and summary when the protocol runs the LiRA test; ``(None, None)`` otherwise."""
+    if run.protocol.mia != "lira":
+        return None, None
+    return _shadows(run, seed)
+
+
+def _with_lira(run: _Run, forget_set: ForgetSet, shadows: ShadowStats | None) -> ForgetSet:
+    """``forget_set`` with its LiRA targets, so that ``score`` runs the test on every model; unchanged without it."""
+    if shadows is None:
+        return forget_set
+    return replace(forget_set, lira=lira_targets(shadows, run.tensors, forget_set.forget_rows, forget_set.seed))
+
+
+def _shadow_steps(protocol: Protocol) -> int:
+    """Progress-bar steps of one seed's shadows."""
+    return protocol.lira_shadows if protocol.mia == "lira" else 0
+
+
 def _run_forget_set(run: _Run, seed: int, draw: ForgetDraw, original: TrainedModel, original_outputs: Outputs,
                     prepared: list[_Prepared], shadows: ShadowStats | None) -> list[MethodResult]:
     protocol = run.protocol
     forget_set = make_forget_set(run.tensors, seed, draw.forget_class, draw.name, draw.forget_ids, draw.details)
-    if shadows is not None:
-        forget_set = replace(forget_set, lira=lira_targets(shadows, run.tensors, forget_set.forget_rows, seed))
+    forget_set = _with_lira(run, forget_set, shadows)
     _step(run, f"seed {seed} {forget_set.title}: gold")
     gold = _train(run, forget_set.retain_ids, seed, "gold")
     gold_scores = score(_outputs(run, gold.model), run.tensors, forget_set, protocol.mia_alpha)
@@ -229,10 +247,8 @@ def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]
         cached=original.cached,
         checkpoint=str(original.path),
     )
-    stats = None
-    if run.protocol.mia == "lira":
-        stats, shadow_summary = _shadows(run, seed)
-        summary = replace(summary, shadows=shadow_summary)
+    stats, shadow_summary = _seed_shadows(run, seed)
+    summary = replace(summary, shadows=shadow_summary)
     if summary.train_accuracy < 95.0:
         logger.warning("original model seed=%d fits only %.1f%% of its training set (target >= 95%%); "
                        "forgetting is barely measurable below that", seed, summary.train_accuracy)
@@ -257,8 +273,8 @@ def _draws(protocol: Protocol, index: Any, seed: int) -> tuple[ForgetDraw, ...]:
 
 def _steps(protocol: Protocol) -> int:
     per_class = 2 + len(protocol.methods)
-    shadows = protocol.lira_shadows if protocol.mia == "lira" else 0
-    return len(protocol.seeds) * (1 + shadows + len(protocol.methods) + protocol.experiment_count * per_class)
+    return len(protocol.seeds) * (1 + _shadow_steps(protocol) + len(protocol.methods)
+                                  + protocol.experiment_count * per_class)
 
 
 def _forget_size(draws: Mapping[int, tuple[ForgetDraw, ...]]) -> int:

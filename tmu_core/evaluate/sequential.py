@@ -9,7 +9,8 @@ state from its parent's). This protocol does the same with the library alone, pe
    ``prepare_from`` the parent's state; the other methods: ``prepare`` again), which the next step starts from.
 
 After every step the model is scored against a gold model retrained without the union of steps 1..k (cached
-by the fingerprint of its D_r), so Delta, ACC_Dtest and the attack drift are read per step. A second gold with
+by the fingerprint of its D_r), so Delta, ACC_Dtest and the attack drift are read per step (with ``mia="lira"``
+the LiRA test too, of the union, against the seed's shadows). A second gold with
 another seed (the floor) is trained every ``floor_every`` steps and at the last. The draws are the protocol's
 forget shape with K experiments: disjoint owner batches, or random draws less what earlier steps forgot.
 """
@@ -32,11 +33,15 @@ from tmu_core.evaluate.harness import (
     _outputs,
     _Run,
     _safe,
+    _seed_shadows,
+    _shadow_steps,
     _step,
     _timed,
     _train,
+    _with_lira,
     open_run,
 )
+from tmu_core.evaluate.lira import ShadowStats
 from tmu_core.evaluate.metrics import accuracy
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
 from tmu_core.evaluate.report import format_table, write_outputs
@@ -83,7 +88,7 @@ def _check(protocol: Protocol, requests: int, floor_every: int) -> None:
 
 
 def _gold_steps(run: _Run, seed: int, draws: Sequence[ForgetDraw], original_outputs: Any,
-                floor_every: int) -> tuple[list[_Step], list[MethodResult], float]:
+                floor_every: int, shadows: ShadowStats | None = None) -> tuple[list[_Step], list[MethodResult], float]:
     """Train (or read) the gold of every union and the floors; rows of the original, gold and floor models."""
     protocol, rows, retrain_seconds = run.protocol, [], 0.0
     steps = []
@@ -91,6 +96,7 @@ def _gold_steps(run: _Run, seed: int, draws: Sequence[ForgetDraw], original_outp
         details = {"step": number, "step_samples": len(ids), "union_samples": len(union),
                    **{k: v for k, v in draws[number - 1].details.items() if k in ("owners", "owner_sizes")}}
         forget_set = make_forget_set(run.tensors, seed, None, f"step-{number}", union, details)
+        forget_set = _with_lira(run, forget_set, shadows)
         _step(run, f"seed {seed} step {number}: gold of {len(union)} forgotten")
         gold = _train(run, forget_set.retain_ids, seed, "gold")
         retrain_seconds += gold.seconds
@@ -168,7 +174,9 @@ def _run_seed(run: _Run, seed: int, floor_every: int) -> tuple[OriginalSummary, 
     summary = OriginalSummary(seed, accuracy(outputs.train_logits, run.tensors.train_labels),
                               accuracy(outputs.eval_logits, run.tensors.eval_labels), original.seconds,
                               original.cached, str(original.path))
-    steps, rows, _ = _gold_steps(run, seed, run.draws[seed], outputs, floor_every)
+    shadows, shadow_summary = _seed_shadows(run, seed)
+    summary = replace(summary, shadows=shadow_summary)
+    steps, rows, _ = _gold_steps(run, seed, run.draws[seed], outputs, floor_every, shadows)
     gold_seconds = {row.details["step"]: row.seconds for row in rows if row.kind == "gold"}
     for spec in run.protocol.methods:
         rows += _method_rows(run, spec, original, steps, gold_seconds)
@@ -201,7 +209,8 @@ def run_sequential(protocol: Protocol, requests: int, out_dir: Path, device: tor
     protocol = replace(protocol, experiments=requests)
     started = time.perf_counter()
     floors = len({*range(floor_every, requests + 1, floor_every), requests})
-    bar_steps = len(protocol.seeds) * (1 + requests + floors + len(protocol.methods) * requests)
+    per_seed = 1 + _shadow_steps(protocol) + requests + floors + len(protocol.methods) * requests
+    bar_steps = len(protocol.seeds) * per_seed
     with open_run(protocol, cache_dir if cache_dir is not None else Path(out_dir) / "cache", device,
                   lambda index, seed: _draws(protocol, index, seed), bar_steps, progress) as run:
         results = [_run_seed(run, seed, floor_every) for seed in protocol.seeds]
