@@ -116,6 +116,10 @@ def test_files_hold_the_drift_table_and_the_rows(run):
     assert text.startswith("seed 0: 3 sequential requests")
     assert "time over 3 requests (request + next preparation) against 3 retrains" in text
     assert "\n  tmu " in text and "\n  spy " in text
+    assert (f"3 sequential requests of 2 owner(s) of a synthetic owner map each, each on the previous request's "
+            f"model; {result.splits.forget} samples forgotten after the last") in text
+    step1 = next(row for row in result.rows if row.method == "gold")
+    assert f"\nstep-1: {step1.details['union_samples']} samples from " in text
     data = json.loads((out / "results.json").read_text())
     assert data["protocol"]["sequential"] == 3 and data["protocol"]["floor_every"] == 2
     assert len(data["rows"]) == len(result.rows)

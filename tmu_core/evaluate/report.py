@@ -76,6 +76,11 @@ def _forget_text(proto: Mapping[str, Any], forget: int) -> str:
     """What each experiment forgets, by forget shape (results written before shapes existed are ``class``)."""
     shape = proto.get("forget_shape", "class")
     experiments = proto.get("experiments") or len(proto["forget_classes"])
+    if proto.get("sequential"):
+        each = f"{proto['forget_fraction'] * 100:g}% of the training set" if shape == "random" else (
+            f"{proto['owners']} owner(s) of a synthetic owner map")
+        return (f"{proto['sequential']} sequential requests of {each} each, each on the previous request's model; "
+                f"{forget} samples forgotten after the last")
     if shape == "random":
         return (f"forget {forget} random training samples ({proto['forget_fraction'] * 100:g}% of the training "
                 f"set) in each of {experiments} experiment(s)")

@@ -96,6 +96,8 @@ def _gold_steps(run: _Run, seed: int, draws: Sequence[ForgetDraw], original_outp
         details = {"step": number, "step_samples": len(ids), "union_samples": len(union),
                    **{k: v for k, v in draws[number - 1].details.items() if k in ("owners", "owner_sizes")}}
         forget_set = make_forget_set(run.tensors, seed, None, f"step-{number}", union, details)
+        classes = len(set(run.tensors.train_labels[forget_set.forget_rows].tolist()))
+        forget_set = replace(forget_set, details={**details, "forget_samples": len(union), "classes_spanned": classes})
         forget_set = _with_lira(run, forget_set, shadows)
         _step(run, f"seed {seed} step {number}: gold of {len(union)} forgotten")
         gold = _train(run, forget_set.retain_ids, seed, "gold")
