@@ -63,11 +63,12 @@ def test_imported_resnet18_forgets_end_to_end(served_import) -> None:
         assert resp.status_code == 202, resp.text
         job = _wait(service, resp.json()["job_id"])
         assert job["state"] == "succeeded", job["reason"]
-    forgotten = job["sample_ids"]
+        forgotten = job["sample_ids"]
+        # The dispatcher wipes after the job succeeded: wait while it runs (a queued wipe waits for the next start).
+        wait_wiped(workspace, forgotten)
     assert forgotten == ["train/b/0003", "train/b/0004", "train/b/0005", "train/b/photo1", "train/b/photo2"]
     assert_serving(workspace, server, 2)
     assert infer.predict("m", image).model_version == "2"
-    wait_wiped(workspace, forgotten)
     photos = [(workspace.home.parent / "collected" / "train" / "b" / name).read_bytes()
               for name in ("photo1.jpg", "photo2.png")]
     assert files_holding([workspace.home, workspace.model_store], photos) == []
