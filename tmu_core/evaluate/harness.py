@@ -141,6 +141,11 @@ def _reference_rows(run: _Run, forget_set: ForgetSet, original: TrainedModel, or
                     gold: TrainedModel, gold_scores: Scores) -> Iterator[MethodResult]:
     yield make_row(RowInfo("original", "original", original.seconds), original_scores, gold_scores, forget_set)
     yield make_row(RowInfo("gold", "gold", gold.seconds), gold_scores, gold_scores, forget_set)
+    yield _floor_row(run, forget_set, gold_scores)
+
+
+def _floor_row(run: _Run, forget_set: ForgetSet, gold_scores: Scores) -> MethodResult:
+    """Train (or read) the gold of ``forget_set`` with another seed and score it against the gold: the floor."""
     floor_seed = forget_set.seed + run.protocol.floor_seed_offset
     _step(run, f"seed {forget_set.seed} {forget_set.title}: floor gold (seed {floor_seed})")
     floor = _train(run, forget_set.retain_ids, floor_seed, "floor")
@@ -148,7 +153,7 @@ def _reference_rows(run: _Run, forget_set: ForgetSet, original: TrainedModel, or
     # Predicting "hard" where the floor gold errs measures how far two golds agree per sample.
     info = RowInfo("gold-floor", "floor", floor.seconds, predicted_hard=~floor_scores.forget_correct,
                    details={"seed": floor_seed})
-    yield make_row(info, floor_scores, gold_scores, forget_set)
+    return make_row(info, floor_scores, gold_scores, forget_set)
 
 
 def _is_gold_retrain(run: _Run, spec: MethodSpec, seed: int) -> bool:
@@ -235,10 +240,12 @@ def _run_forget_set(run: _Run, seed: int, draw: ForgetDraw, original: TrainedMod
     return rows
 
 
-def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]]:
+def _original(run: _Run, seed: int) -> tuple[TrainedModel, Outputs, OriginalSummary, ShadowStats | None]:
+    """Train (or read) the seed's original model and, with the LiRA test, its shadows; summarise its fit."""
     _step(run, f"seed {seed}: original model")
     original = _train(run, run.tensors.train_ids, seed, "original")
     original_outputs = _outputs(run, original.model)
+    stats, shadow_summary = _seed_shadows(run, seed)
     summary = OriginalSummary(
         seed=seed,
         train_accuracy=accuracy(original_outputs.train_logits, run.tensors.train_labels),
@@ -246,12 +253,16 @@ def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]
         seconds=original.seconds,
         cached=original.cached,
         checkpoint=str(original.path),
+        shadows=shadow_summary,
     )
-    stats, shadow_summary = _seed_shadows(run, seed)
-    summary = replace(summary, shadows=shadow_summary)
     if summary.train_accuracy < 95.0:
         logger.warning("original model seed=%d fits only %.1f%% of its training set (target >= 95%%); "
                        "forgetting is barely measurable below that", seed, summary.train_accuracy)
+    return original, original_outputs, summary, stats
+
+
+def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]]:
+    original, original_outputs, summary, stats = _original(run, seed)
     prepared = _prepare_methods(run, original, seed)
     rows = []
     for draw in run.draws[seed]:

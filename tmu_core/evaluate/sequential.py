@@ -29,11 +29,12 @@ from tmu_core.errors import InvalidInputError
 from tmu_core.evaluate.harness import (
     _compact,
     _draws,
+    _floor_row,
     _is_gold_retrain,
+    _original,
     _outputs,
     _Run,
     _safe,
-    _seed_shadows,
     _shadow_steps,
     _step,
     _timed,
@@ -42,7 +43,6 @@ from tmu_core.evaluate.harness import (
     open_run,
 )
 from tmu_core.evaluate.lira import ShadowStats
-from tmu_core.evaluate.metrics import accuracy
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
 from tmu_core.evaluate.report import format_table, write_outputs
 from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, SplitSummary, mean_rows
@@ -88,10 +88,9 @@ def _check(protocol: Protocol, requests: int, floor_every: int) -> None:
 
 
 def _gold_steps(run: _Run, seed: int, draws: Sequence[ForgetDraw], original_outputs: Any,
-                floor_every: int, shadows: ShadowStats | None = None) -> tuple[list[_Step], list[MethodResult], float]:
+                floor_every: int, shadows: ShadowStats | None = None) -> tuple[list[_Step], list[MethodResult]]:
     """Train (or read) the gold of every union and the floors; rows of the original, gold and floor models."""
-    protocol, rows, retrain_seconds = run.protocol, [], 0.0
-    steps = []
+    protocol, rows, steps = run.protocol, [], []
     for number, (ids, union) in enumerate(union_steps(draws), start=1):
         details = {"step": number, "step_samples": len(ids), "union_samples": len(union),
                    **{k: v for k, v in draws[number - 1].details.items() if k in ("owners", "owner_sizes")}}
@@ -101,21 +100,14 @@ def _gold_steps(run: _Run, seed: int, draws: Sequence[ForgetDraw], original_outp
         forget_set = _with_lira(run, forget_set, shadows)
         _step(run, f"seed {seed} step {number}: gold of {len(union)} forgotten")
         gold = _train(run, forget_set.retain_ids, seed, "gold")
-        retrain_seconds += gold.seconds
         gold_scores = score(_outputs(run, gold.model), run.tensors, forget_set, protocol.mia_alpha)
         original_scores = score(original_outputs, run.tensors, forget_set, protocol.mia_alpha)
         rows.append(make_row(RowInfo("original", "original", 0.0), original_scores, gold_scores, forget_set))
         rows.append(make_row(RowInfo("gold", "gold", gold.seconds), gold_scores, gold_scores, forget_set))
         if number % floor_every == 0 or number == len(draws):
-            floor_seed = seed + protocol.floor_seed_offset
-            _step(run, f"seed {seed} step {number}: floor gold (seed {floor_seed})")
-            floor = _train(run, forget_set.retain_ids, floor_seed, "floor")
-            floor_scores = score(_outputs(run, floor.model), run.tensors, forget_set, protocol.mia_alpha)
-            info = RowInfo("gold-floor", "floor", floor.seconds, predicted_hard=~floor_scores.forget_correct,
-                           details={"seed": floor_seed})
-            rows.append(make_row(info, floor_scores, gold_scores, forget_set))
+            rows.append(_floor_row(run, forget_set, gold_scores))
         steps.append(_Step(number, ids, forget_set, gold_scores))
-    return steps, rows, retrain_seconds
+    return steps, rows
 
 
 def _prepare(run: _Run, method: Any, parent: Any, model: torch.nn.Module, meta: Any, data: UnlearnData,
@@ -123,9 +115,7 @@ def _prepare(run: _Run, method: Any, parent: Any, model: torch.nn.Module, meta: 
     """Prepare ``model``'s state as a forget job's ``prepare_next`` does: from the parent's when the method can
     (``parent`` None: built from scratch)."""
     if hasattr(method, "prepare_from"):
-        how, seconds = _timed(run.device, method.prepare_from, parent, model, meta, data, run.device, workdir,
-                              origin)
-        return how, seconds
+        return _timed(run.device, method.prepare_from, parent, model, meta, data, run.device, workdir, origin)
     _, seconds = _timed(run.device, method.prepare, model, meta, data, run.device, workdir)
     return "prepare", seconds
 
@@ -170,15 +160,8 @@ def _method_rows(run: _Run, spec: MethodSpec, original: Any, steps: Sequence[_St
 
 
 def _run_seed(run: _Run, seed: int, floor_every: int) -> tuple[OriginalSummary, list[MethodResult]]:
-    _step(run, f"seed {seed}: original model")
-    original = _train(run, run.tensors.train_ids, seed, "original")
-    outputs = _outputs(run, original.model)
-    summary = OriginalSummary(seed, accuracy(outputs.train_logits, run.tensors.train_labels),
-                              accuracy(outputs.eval_logits, run.tensors.eval_labels), original.seconds,
-                              original.cached, str(original.path))
-    shadows, shadow_summary = _seed_shadows(run, seed)
-    summary = replace(summary, shadows=shadow_summary)
-    steps, rows, _ = _gold_steps(run, seed, run.draws[seed], outputs, floor_every, shadows)
+    original, outputs, summary, shadows = _original(run, seed)
+    steps, rows = _gold_steps(run, seed, run.draws[seed], outputs, floor_every, shadows)
     gold_seconds = {row.details["step"]: row.seconds for row in rows if row.kind == "gold"}
     for spec in run.protocol.methods:
         rows += _method_rows(run, spec, original, steps, gold_seconds)
