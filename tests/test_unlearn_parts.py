@@ -111,6 +111,7 @@ def test_unknown_option_lists_the_valid_ones():
         ("tmu", {"optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam'"),
         ("tmu", {"retain_loss": "mse"}, "retain_loss must be one of 'ce', 'kl'"),
         ("tmu", {"twin_target_accuracy": 1.5}, "twin_target_accuracy must be >= 0.0 and <= 1.0"),
+        ("tmu", {"easy_slack": -0.1}, "easy_slack must be >= 0"),
         ("finetune", {"epochs": 0}, "finetune: epochs must be >= 1"),
         ("neg_grad", {"lr": 0.0}, "neg_grad: lr must be > 0.0"),
         ("bad_teacher", {"retain_fraction": 2.0}, "retain_fraction must be >= 0.0 and <= 1.0"),
@@ -301,6 +302,26 @@ def test_easy_margin_targets_make_memorised_samples_less_confident_but_correct()
     after = margins(targeted, easy)
     assert (after - target).abs().mean() < (before - target).abs().mean() / 2
     assert after.mean() < margins(plain, easy).mean() / 2
+
+
+def test_easy_slack_keeps_tuning_until_the_easy_samples_are_near_their_targets():
+    cfg = TuneConfig(lr=0.01, max_steps=200, optimizer="adam", retain_weight=0.0, noise_std=0.0)
+    model, hard, _ = _two_blob_model()
+    _, _, easy = _two_blob_model()
+    no_hard = TuneSet(hard.images[:0], hard.labels[:0])
+    with torch.no_grad():
+        start = logit_margin(model(easy.images.float() / 255), easy.labels)
+    easy = TuneSet(easy.images, easy.labels, torch.full_like(start, 2.0))
+    assert float((start - 2.0).clamp(min=0).mean()) > 3.0  # memorised: far above the target
+    unchecked = forget_finetune(copy.deepcopy(model), no_hard, easy, None, cfg, DEVICE)
+    assert unchecked.stop_reason == "aligned" and unchecked.steps == 0 and unchecked.easy_excess_after > 3.0
+    slack = TuneConfig(**{**cfg.__dict__, "easy_slack": 0.5})
+    result = forget_finetune(model, no_hard, easy, None, slack, DEVICE)
+    assert result.stop_reason == "aligned" and 0 < result.steps < 200
+    assert result.easy_excess_after <= 0.5 and result.easy_accuracy_after == 100.0
+    with torch.no_grad():
+        after = logit_margin(model(easy.images.float() / 255), easy.labels)
+    assert float((after - 2.0).clamp(min=0).mean()) == pytest.approx(result.easy_excess_after, abs=1e-5)
 
 
 def test_tolerance_stops_once_few_enough_samples_are_misaligned():

@@ -25,7 +25,11 @@ whole class). Two bounded terms are offered instead:
 
 Stopping rule: stop as soon as every predicted-hard sample is misclassified and no predicted-easy sample that
 was correct at the start has become wrong (``"aligned"``), after ``max_steps`` (``"max_steps"``), or when the
-guard refuses a step at the smallest rate it allows (``"guard"``).
+guard refuses a step at the smallest rate it allows (``"guard"``). With ``easy_slack`` set and target margins on
+the easy samples, "aligned" also needs the easy samples' mean excess over their targets,
+``mean(relu(margin - target))``, to be at most ``easy_slack`` logits: the hard samples of a small request are
+misclassified within a few steps, long before the easy ones have lost their memorised confidence, and a
+per-example membership test (LiRA) then still finds them.
 ``tolerance`` lets a share of the forget samples stay misaligned at the stop: the last one or two
 memorised hard samples can take as many steps as all the others together.
 Guard (``guard_drop``, off when None): a step that lowers the model's accuracy on a guard set of held-out
@@ -56,7 +60,7 @@ from torch import nn
 
 from tmu_core.device import generator
 from tmu_core.unlearn.base import check_choice, check_range
-from tmu_core.unlearn.common import as_input, correct_of, eval_mode, sgd
+from tmu_core.unlearn.common import as_input, correct_of, eval_mode, logits_of, sgd
 from tmu_core.unlearn.data import LazyImages
 
 logger = logging.getLogger(__name__)
@@ -102,6 +106,8 @@ class TuneConfig:
         guard_repairs: most repair steps after one forget step (``"repair"``).
         warmup_steps: the learning rate rises linearly from ``lr / warmup_steps`` to ``lr`` over the first
             ``warmup_steps`` steps (0: ``lr`` from the first step).
+        easy_slack: logits the easy samples' mean excess over their target margins may be when the stopping rule
+            ends the run (None: not checked; ignored when the easy samples carry no targets).
         seed: noise and batch sampling.
     """
 
@@ -126,6 +132,7 @@ class TuneConfig:
     guard_mode: str = "halve"
     guard_repairs: int = 20
     warmup_steps: int = 0
+    easy_slack: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -152,6 +159,8 @@ class TuneConfig:
         check_range(owner, "warmup_steps", self.warmup_steps, 0)
         check_choice(owner, "guard_mode", self.guard_mode, GUARD_MODES)
         check_range(owner, "guard_repairs", self.guard_repairs, 0)
+        if self.easy_slack is not None:
+            check_range(owner, "easy_slack", self.easy_slack, 0.0)
 
     def rate(self, step: int) -> float:
         """The learning rate of step ``step`` (counted from 0), before any halving by the guard."""
@@ -178,7 +187,8 @@ class TuneSet:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """What the fine-tune did: steps taken, why it stopped, accuracies (percent) before and after."""
+    """What the fine-tune did: steps taken, why it stopped, accuracies (percent) before and after, and the easy
+    samples' mean excess over their target margins at the end (None without targets)."""
 
     steps: int
     stop_reason: str
@@ -190,6 +200,7 @@ class TuneResult:
     guard_accuracy_before: float | None = None
     guard_accuracy_after: float | None = None
     refused_steps: int = 0
+    easy_excess_after: float | None = None
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
@@ -271,6 +282,20 @@ def _correct(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Ten
     if not part.size:
         return torch.zeros(0, dtype=torch.bool, device=device)
     return correct_of(model, part.images, part.labels, device)
+
+
+def _easy_state(model: nn.Module, easy: TuneSet, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Which easy samples the model classifies correctly, and their mean excess over their target margins
+    (0.0 without targets)."""
+    if not easy.size:
+        return torch.zeros(0, dtype=torch.bool, device=device), 0.0
+    logits = logits_of(model, easy.images, device)
+    labels = easy.labels.to(device)
+    correct = logits.argmax(dim=1) == labels
+    if easy.margin_target is None:
+        return correct, 0.0
+    excess = F.relu(logit_margin(logits, labels) - easy.margin_target.to(device))
+    return correct, float(excess.mean())
 
 
 @contextlib.contextmanager
@@ -389,13 +414,15 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
             hard_now = _correct(model, hard, device)
         if easy_start is None:
             hard_start, easy_start = hard_now, _correct(model, easy, device)
-        easy_lost = None
+        easy_lost = excess = None
         if int(hard_now.sum()) <= budget:  # only then can the rule stop the run: look at the easy samples
-            easy_now = _correct(model, easy, device)
+            easy_now, excess = _easy_state(model, easy, device)
             easy_lost = int((~easy_now & easy_start).sum())
-        logger.debug("forget fine-tune step %d: loss %.4f, hard still correct %d/%d, easy lost %s/%d", steps,
-                     loss.item(), int(hard_now.sum()), hard.size, "?" if easy_lost is None else easy_lost, easy.size)
-        if easy_lost is not None and steps >= config.min_steps and int(hard_now.sum()) + easy_lost <= budget:
+        logger.debug("forget fine-tune step %d: loss %.4f, hard still correct %d/%d, easy lost %s/%d, excess %s",
+                     steps, loss.item(), int(hard_now.sum()), hard.size, "?" if easy_lost is None else easy_lost,
+                     easy.size, "?" if excess is None else f"{excess:.2f}")
+        if (easy_lost is not None and steps >= config.min_steps and int(hard_now.sum()) + easy_lost <= budget
+                and (config.easy_slack is None or excess <= config.easy_slack)):
             reason = "aligned"
             break
         if steps >= config.max_steps:
@@ -412,9 +439,10 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         steps += 1
         if keeper is not None and config.guard_mode == "repair":
             steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps)
-    easy_now = _correct(model, easy, device) if easy_lost is None else easy_now
+    if easy_lost is None:
+        easy_now, excess = _easy_state(model, easy, device)
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
     return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
                       _accuracy(easy_now), time.perf_counter() - started,
                       keeper.start if keeper else None, keeper.now if keeper else None,
-                      keeper.refused if keeper else 0)
+                      keeper.refused if keeper else 0, excess if easy.margin_target is not None else None)

@@ -109,7 +109,8 @@ class TmuOptions:
             stops looking memorised; ``"none"`` is the paper's plain cross-entropy on easy samples.
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
-            guard_halvings, guard_mode, guard_repairs, warmup_steps: the unlearning fine-tune (see :class:`TuneConfig`).
+            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack: the unlearning fine-tune
+            (see :class:`TuneConfig`).
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
         guard_max_samples: the largest request the guard watches (None: every request).
     """
@@ -163,6 +164,7 @@ class TmuOptions:
     guard_mode: str = "repair"
     guard_repairs: int = 20
     warmup_steps: int = TuneConfig.warmup_steps
+    easy_slack: float | None = TuneConfig.easy_slack
     guard_size: int = 256
     guard_max_samples: int | None = 32
 
