@@ -193,3 +193,25 @@ def test_a_numeric_option_given_a_non_number_is_refused_with_what_is_accepted(va
 
 def test_null_still_turns_the_guard_off():
     assert get_method("tmu", guard_drop=None) is not None
+
+
+def test_easy_targets_are_the_chosen_quantile_of_held_out_margins_of_the_class(prob):
+    from tmu_core.unlearn.common import logits_of
+    from tmu_core.unlearn.forget_tune import logit_margin
+
+    data = prob.data(prob.forget_ids(0, 20))
+    _, labels = data.tensors("forget")
+    twin_images, twin_labels = data.tensors("twin")
+    margins = logit_margin(logits_of(prob.model, twin_images, DEVICE), twin_labels)
+    targets = {}
+    for quantile in (0.2, 0.5):
+        method = get_method("tmu", easy_quantile=quantile, **FAST)
+        targets[quantile] = method._easy_targets(prob.model, data, labels, DEVICE)
+    for label in labels.unique().tolist():
+        mine = margins[(margins > 0) & (twin_labels == label)]
+        median = float(mine.median())
+        assert targets[0.5][labels == label].eq(median).all()
+        assert bool((targets[0.2][labels == label] <= median).all())
+    assert float(targets[0.2].mean()) < float(targets[0.5].mean())
+    with pytest.raises(InvalidInputError, match="easy_quantile must be >= 0.0 and <= 1.0"):
+        get_method("tmu", easy_quantile=1.5)

@@ -107,6 +107,7 @@ class TmuOptions:
         easy_target: ``"held_out"`` pulls each predicted-easy sample's logit margin towards the median margin
             M_o gives correctly classified held-out (twin) samples of its class, so that it stays correct but
             stops looking memorised; ``"none"`` is the paper's plain cross-entropy on easy samples.
+        easy_quantile: which quantile of those held-out margins is the target (0.5: the median).
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
             guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack: the unlearning fine-tune
@@ -142,6 +143,7 @@ class TmuOptions:
     clf_members: int = 10
     easy_rule: str = "expected"
     easy_target: str = "held_out"
+    easy_quantile: float = 0.5
     # The fine-tune's settings; their defaults are TuneConfig's.
     lr: float = TuneConfig.lr
     max_steps: int = TuneConfig.max_steps
@@ -184,6 +186,7 @@ class TmuOptions:
         if self.twin_target_accuracy is not None:
             check_range(owner, "twin_target_accuracy", self.twin_target_accuracy, 0.0, 1.0)
         check_range(owner, "cf_subset", self.cf_subset, 0.0, 1.0)
+        check_range(owner, "easy_quantile", self.easy_quantile, 0.0, 1.0)
         check_range(owner, "incremental_max", self.incremental_max, 0)
         check_range(owner, "guard_size", self.guard_size, 1)
         if self.guard_max_samples is not None:

@@ -224,18 +224,23 @@ class TmuMethod(UnlearnMethod):
 
     def _easy_targets(self, model: nn.Module, data: UnlearnData, labels: torch.Tensor,
                       device: torch.device) -> torch.Tensor | None:
-        """Per easy sample, the median logit margin M_o gives held-out (twin) samples of its class that it
-        classifies correctly (``easy_target="held_out"``); None for plain cross-entropy."""
+        """Per easy sample, the ``easy_quantile`` quantile (0.5: the median) of the logit margins M_o gives
+        held-out (twin) samples of its class that it classifies correctly (``easy_target="held_out"``); None for
+        plain cross-entropy."""
         if self.options.easy_target == "none" or not labels.numel():
             return None
         twin_images, twin_labels = data.tensors("twin")
         margins = logit_margin(logits_of(model, twin_images, device).cpu(), twin_labels)
         correct = margins > 0
-        targets = torch.full(labels.shape, float(margins[correct].median()) if correct.any() else 1.0)
+
+        def level(values: torch.Tensor) -> float:
+            return float(torch.quantile(values, self.options.easy_quantile, interpolation="lower"))
+
+        targets = torch.full(labels.shape, level(margins[correct]) if correct.any() else 1.0)
         for label in labels.unique().tolist():
             mine = correct & (twin_labels == label)
             if mine.any():
-                targets[labels == label] = float(margins[mine].median())
+                targets[labels == label] = level(margins[mine])
         return targets
 
     def _guard_set(self, data: UnlearnData) -> TuneSet | None:
