@@ -43,6 +43,14 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   its early steps, and there the halving guard did harm (``cpu-small``'s class requests: ACC_Df 89 / 100 / 97
   against 54 / 73 / 83 unguarded); repair has not been measured there, so larger requests stay unguarded
   (None: guard every request; ``guard_drop=None``: no guard).
+- ``easy_slack=0.25`` and ``easy_quantile=0.3`` (not in the paper): the fine-tune's stopping rule also waits until
+  the predicted-easy samples' mean excess over their target margins is at most 0.25 logits, and the target is the
+  0.3 quantile of the held-out margins rather than their median. Before, a 50-sample request stopped after about
+  15 steps, once its hard samples were misclassified, with its easy samples still far above their targets: the
+  per-example membership test (LiRA, 8 shadows) told D_f from unseen samples at AUC 0.707 against the gold's 0.537.
+  On ``cpu-small`` seed 0, random 1% sets (3): LiRA gap 0.170 -> 0.025, Delta 8.0 -> 5.3, ACC_Dtest 63.40 ->
+  63.00; owner batches (2): Delta 6.7 -> 3.3; class requests (3): Delta 6.0 -> 6.3, ACC_Dtest 63.60 both; a
+  request takes 2 to 3 times as many steps (BENCHMARKS.md). The median with the same slack gave LiRA gap 0.114.
 - ``cf_lr=0.01`` as an absolute value: a tenth of the unlearning fine-tune's rate would leave the
   curriculum model at its random initialisation after two epochs.
 """
@@ -143,7 +151,7 @@ class TmuOptions:
     clf_members: int = 10
     easy_rule: str = "expected"
     easy_target: str = "held_out"
-    easy_quantile: float = 0.5
+    easy_quantile: float = 0.3
     # The fine-tune's settings; their defaults are TuneConfig's.
     lr: float = TuneConfig.lr
     max_steps: int = TuneConfig.max_steps
@@ -166,7 +174,7 @@ class TmuOptions:
     guard_mode: str = "repair"
     guard_repairs: int = 20
     warmup_steps: int = TuneConfig.warmup_steps
-    easy_slack: float | None = TuneConfig.easy_slack
+    easy_slack: float | None = 0.25
     guard_size: int = 256
     guard_max_samples: int | None = 32
 
