@@ -73,8 +73,6 @@ def test_incremental_state_holds_the_new_models_features_and_no_forgotten_row():
     fresh = features_over(model, data.batches(data.retain_ids), len(data.retain_ids), DEVICE)
     assert torch.equal(state.train_features, fresh)
     assert not torch.equal(state.train_features, parent.train_features[parent.rows_of(data.retain_ids)[0]])
-    twin_images, twin_labels = data.tensors("twin")
-    assert torch.equal(state.twin_easy, correct_of(model, twin_images, twin_labels, DEVICE).cpu())
     assert state.twin_state == {}
     assert state.classifier is parent.classifier and torch.equal(state.twin_columns["df"], parent.twin_columns["df"])
     info = state.info
@@ -82,6 +80,35 @@ def test_incremental_state_holds_the_new_models_features_and_no_forgotten_row():
     assert info["parent_key"] == parent.key and info["forgotten"] == len(forget) and "twin_model" in info["dropped"]
     assert "cf_model" in info["recomputed"] and "classifier" in info["kept"] and info["timings"]["total"] > 0
     json.dumps(info)
+
+
+def test_the_held_out_reference_is_the_lineages_by_default_and_the_versions_own_on_request():
+    """``reference="lineage"`` keeps the full build's held-out measurements through the chain (a drifted version
+    must not become its own reference); ``"version"`` measures them again under the new model."""
+    from tmu_core.unlearn.common import logits_of
+    from tmu_core.unlearn.forget_tune import logit_margin
+
+    parent, _, model, data, state = _updated(inside_cf=False)
+    twin_images, twin_labels = data.tensors("twin")
+    logits = logits_of(model, twin_images, DEVICE).cpu()
+    own_easy, own_margins = logits.argmax(dim=1) == twin_labels, logit_margin(logits, twin_labels)
+    assert not torch.equal(own_margins, parent.twin_margins), "v2 must differ from v1 on the twin samples"
+    for name in ("twin_easy", "class_rates", "twin_margins"):
+        assert torch.equal(getattr(state, name), getattr(parent, name)), name
+    assert torch.equal(state.twin_columns["prior"], parent.twin_columns["prior"])
+    assert state.info["reference"] == "lineage" and {"twin_easy", "twin_margins"} <= set(state.info["kept"])
+
+    own = get_method("tmu", reference="version", **FAST)
+    version_parent = get_method("tmu", reference="version", **FAST)
+    version_parent.prepare(problem().model, problem().meta, problem().data(()), DEVICE)
+    assert own.prepare_from(version_parent.prepared, model, problem().meta, data, DEVICE) == "incremental"
+    mine = own.prepared
+    assert torch.equal(mine.twin_easy, own_easy) and torch.equal(mine.twin_margins, own_margins)
+    assert torch.equal(mine.twin_easy, correct_of(model, twin_images, twin_labels, DEVICE).cpu())
+    assert mine.info["reference"] == "version" and "twin_margins" in mine.info["recomputed"]
+    # A full build measures under its own model whatever the reference: both states of v1 agree.
+    for name in ("twin_easy", "class_rates", "twin_margins"):
+        assert torch.equal(getattr(version_parent.prepared, name), getattr(parent, name)), name
 
 
 def test_the_curriculum_model_is_retrained_without_the_forgotten_ids_as_a_rebuild_on_them_is():

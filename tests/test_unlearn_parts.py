@@ -397,6 +397,35 @@ def test_the_repair_guard_keeps_forgetting_and_repairs_what_a_step_cost():
     assert result.guard_accuracy_after == _guard_accuracy(model, guard) == 100.0
 
 
+def test_a_guard_level_above_the_start_repairs_drift_that_earlier_requests_left():
+    """A model that earlier requests left below the level its lineage had: with ``guard_level`` the repair steps
+    bring the guard set back to that level, and the request still ends aligned; without it the guard keeps only
+    the drifted start."""
+    model, hard, easy = _two_blob_model()
+    guard = _guard_near_the_hard_samples(95)
+    near = _guard_near_the_hard_samples(90)
+    retain = TuneSet(torch.cat([near.images, easy.images]), torch.cat([near.labels, easy.labels]))
+    drifted = copy.deepcopy(model)  # three unguarded steps of an earlier request moved the boundary past the guard
+    forget_finetune(drifted, hard, easy, None, TuneConfig(lr=0.3, max_steps=3, tolerance=0.0, optimizer="sgd",
+                                                          noise_std=0.0, easy_weight=0.0, margin=8.0,
+                                                          retain_weight=0.0), DEVICE)
+    start = _guard_accuracy(drifted, guard)
+    assert start < 100.0
+    cfg = TuneConfig(lr=0.03, max_steps=100, min_steps=1, optimizer="sgd", noise_std=0.0, easy_weight=0.0,
+                     margin=8.0, retain_weight=1.0, retain_loss="ce", retain_batch=64, guard_drop=0.0,
+                     guard_mode="repair", guard_repairs=40)
+    own = forget_finetune(copy.deepcopy(drifted), hard, easy, retain, cfg, DEVICE, guard=guard)
+    assert own.guard_level == own.guard_accuracy_before == start
+    restored = copy.deepcopy(drifted)
+    result = forget_finetune(restored, hard, easy, retain, cfg, DEVICE, guard=guard, guard_level=100.0)
+    assert result.guard_level == 100.0 and result.guard_accuracy_before == start and result.refused_steps >= 1
+    assert result.guard_accuracy_after == _guard_accuracy(restored, guard) == 100.0
+    assert result.stop_reason == "aligned" and result.hard_accuracy_after == 0.0
+    halve = TuneConfig(**{**cfg.__dict__, "guard_mode": "halve"})
+    assert forget_finetune(copy.deepcopy(drifted), hard, easy, retain, halve, DEVICE, guard=guard,
+                           guard_level=100.0).guard_level == start  # "halve" compares with the start only
+
+
 def test_warmup_raises_the_rate_linearly_to_lr():
     cfg = TuneConfig(lr=0.01, warmup_steps=4)
     assert [cfg.rate(k) for k in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])

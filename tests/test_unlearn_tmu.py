@@ -206,7 +206,8 @@ def test_easy_targets_are_the_chosen_quantile_of_held_out_margins_of_the_class(p
     targets = {}
     for quantile in (0.2, 0.5):
         method = get_method("tmu", easy_quantile=quantile, **FAST)
-        targets[quantile] = method._easy_targets(prob.model, data, labels, DEVICE)
+        method.prepare(prob.model, prob.meta, data, DEVICE)  # the prepared state holds M_o's held-out margins
+        targets[quantile] = method._easy_targets(method.prepared, data, labels)
     for label in labels.unique().tolist():
         mine = margins[(margins > 0) & (twin_labels == label)]
         median = float(mine.median())

@@ -35,7 +35,10 @@ memorised hard samples can take as many steps as all the others together.
 Guard (``guard_drop``, off when None): a step that lowers the model's accuracy on a guard set of held-out
 images (TMU passes part of its twin set) by more than ``guard_drop`` points below the start is taken back
 (weights and optimiser state), and tried again at half the learning rate, which stays halved; after
-``guard_halvings`` halvings the run stops (``"guard"``). One optimiser step on a handful of memorised
+``guard_halvings`` halvings the run stops (``"guard"``). In ``guard_mode="repair"`` the step is kept and
+followed by repair steps until the guard set is back within ``guard_drop`` of a level: the start, or the
+``guard_level`` the caller gives (TMU gives the accuracy of the lineage's fully prepared version, so that
+the costs of a stream of small requests do not add up). One optimiser step on a handful of memorised
 samples moves every weight by about the learning rate (Adam's first steps are sign steps whatever the
 gradient's size), which on a one- or two-sample request cost up to 12 points of test accuracy; the guard
 bounds that cost where it is measured instead of guessing a learning rate for every request size.
@@ -200,6 +203,7 @@ class TuneResult:
     guard_accuracy_before: float | None = None
     guard_accuracy_after: float | None = None
     refused_steps: int = 0
+    guard_level: float | None = None
     easy_excess_after: float | None = None
 
 
@@ -321,12 +325,14 @@ def _optimiser(model: nn.Module, config: TuneConfig) -> torch.optim.Optimizer:
 
 
 class _Guard:
-    """Takes back a step that costs more than ``drop`` accuracy points on held-out images (see the docstring)."""
+    """Takes back (or repairs) a step that costs more than ``drop`` accuracy points on held-out images (see the
+    docstring); ``level``: the accuracy that repair steps restore (None: the start)."""
 
     def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, part: TuneSet, config: TuneConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, level: float | None = None) -> None:
         self.model, self.optimiser, self.part, self.config, self.device = model, optimiser, part, config, device
         self.start = self.now = self.accuracy()
+        self.level = self.start if level is None else level
         self.refused = 0
         self.factor = 1.0  # halved at each refusal, and stays so
 
@@ -365,11 +371,11 @@ def _set_rate(optimiser: torch.optim.Optimizer, rate: float) -> None:
 def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
             config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int) -> int:
     """Steps on retained and predicted-easy samples only while the guard set is more than ``guard_drop`` points
-    below its start (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
+    below the guard's level (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
     taken = 0
     none = _pick(easy, 0, gen)
     while (taken < config.guard_repairs and steps + taken < config.max_steps
-           and keeper.accuracy() < keeper.start - config.guard_drop):
+           and keeper.accuracy() < keeper.level - config.guard_drop):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device)
             keeper.optimiser.zero_grad(set_to_none=True)
@@ -384,7 +390,7 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
 
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
                     config: TuneConfig, device: torch.device, anchor: nn.Module | None = None,
-                    guard: TuneSet | None = None) -> TuneResult:
+                    guard: TuneSet | None = None, guard_level: float | None = None) -> TuneResult:
     """Fine-tune ``model`` in place so that predicted-hard samples are misclassified and easy ones kept.
 
     Args:
@@ -396,13 +402,16 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         device: where to compute.
         anchor: the original model (eval mode, not trained) for ``retain_loss="kl"``.
         guard: held-out images for ``config.guard_drop`` (no guard when None, empty, or ``guard_drop`` is None).
+        guard_level: accuracy (percent) on ``guard`` that ``guard_mode="repair"`` keeps the model within
+            ``guard_drop`` of (None: the model's accuracy at the start); ``"halve"`` always uses the start.
 
     Returns:
         Steps, stop reason and accuracies before and after; the model ends in eval mode.
     """
     started = time.perf_counter()
     gen, optimiser = generator(config.seed), _optimiser(model, config)
-    keeper = (_Guard(model, optimiser, guard, config, device)
+    level = guard_level if config.guard_mode == "repair" else None
+    keeper = (_Guard(model, optimiser, guard, config, device, level)
               if guard is not None and guard.size and config.guard_drop is not None else None)
     easy_start = hard_start = None
     steps, reason = 0, "max_steps"
@@ -445,4 +454,5 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     return TuneResult(steps, reason, _accuracy(hard_start), _accuracy(hard_now), _accuracy(easy_start),
                       _accuracy(easy_now), time.perf_counter() - started,
                       keeper.start if keeper else None, keeper.now if keeper else None,
-                      keeper.refused if keeper else 0, excess if easy.margin_target is not None else None)
+                      keeper.refused if keeper else 0, keeper.level if keeper else None,
+                      excess if easy.margin_target is not None else None)

@@ -51,6 +51,15 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   On ``cpu-small`` seed 0, random 1% sets (3): LiRA gap 0.170 -> 0.025, Delta 8.0 -> 5.3, ACC_Dtest 63.40 ->
   63.00; owner batches (2): Delta 6.7 -> 3.3; class requests (3): Delta 6.0 -> 6.3, ACC_Dtest 63.60 both; a
   request takes 2 to 3 times as many steps (BENCHMARKS.md). The median with the same slack gave LiRA gap 0.114.
+- ``reference="lineage"`` (not in the paper): the held-out measurements a request compares against (the twin
+  samples' correctness, hence the class's easy share; the held-out margins the easy samples are pulled to; the
+  guard's level) are those of the version whose state was last built in full, kept through the incremental
+  updates after it, instead of being measured again under each approximate version. Measured again, a version's
+  own drift became its reference: on ten sequential owner requests (``tmu-admin evaluate --sequential 10
+  --forget-shape owner --owners 5``, seed 0) the guard set's accuracy went 69.1 -> 63.3 in steps of less than
+  the guard's 1 point, the twin easy rate 64 -> 58, and ACC_Dtest ended 7.4 points below the gold of the union
+  (Delta 6.0, floor 3.0). With the lineage's level ACC_Dtest stayed within 2.2 points of every gold, but the
+  repair steps then fill most of ``max_steps`` (BENCHMARKS.md, "Ten sequential owner requests").
 - ``cf_lr=0.01`` as an absolute value: a tenth of the unlearning fine-tune's rate would leave the
   curriculum model at its random initialisation after two epochs.
 """
@@ -70,8 +79,9 @@ from tmu_core.unlearn.forget_tune import TuneConfig
 PREPARE_FIELDS = (
     "seed", "twin_epochs", "twin_lr", "twin_batch", "twin_target_accuracy", "twin_retain_mix", "cf_epochs", "cf_lr",
     "cf_subset", "cf_batch", "features", "df_top_n", "df_same_class", "df_normalise", "af_eps", "af_steps", "af_step",
-    "log_losses", "clf_epochs", "clf_lr", "clf_batch", "clf_loss", "clf_members",
+    "log_losses", "clf_epochs", "clf_lr", "clf_batch", "clf_loss", "clf_members", "reference",
 )
+REFERENCES = ("lineage", "version")
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,12 @@ class TmuOptions:
         cf_lr: its learning rate.
         cf_subset: fraction of the training set it sees besides D_test (and D_f) (paper: 0.3).
         cf_batch: its batch size.
+        reference: where the held-out measurements a request compares against come from (which twin samples
+            M_o classifies correctly: the class's easy share, the "prior" feature; M_o's logit margins on them:
+            the easy samples' targets; and the guard's level): ``"lineage"`` keeps those of the version the last
+            full build was made for through every incremental update after it, ``"version"`` measures them again
+            under each version's own model (see :func:`tmu_core.unlearn.twin.update_prepared`). Both are the
+            same for a version whose state was built in full.
         incremental_max: how many versions in a row may get their prepared state by an incremental update of
             their parent's (:func:`tmu_core.unlearn.twin.update_prepared`) before a full build; 0 builds every
             version's state from scratch. Not in ``PREPARE_FIELDS``: it decides how the next version's state is
@@ -135,6 +151,7 @@ class TmuOptions:
     cf_subset: float = 0.3
     cf_batch: int = 64
     cf_per_request: bool = False
+    reference: str = "lineage"
     incremental_max: int = 20
     features: tuple[str, ...] = FEATURE_KINDS
     df_top_n: int = 5
@@ -205,6 +222,7 @@ class TmuOptions:
         check_choice(owner, "clf_loss", self.clf_loss, ("bce", "ce"))
         check_choice(owner, "easy_rule", self.easy_rule, EASY_RULES)
         check_choice(owner, "easy_target", self.easy_target, ("none", "held_out"))
+        check_choice(owner, "reference", self.reference, REFERENCES)
         self.classifier_config()
         self.tune_config()
 

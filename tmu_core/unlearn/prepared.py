@@ -33,7 +33,7 @@ from tmu_core.unlearn.easy_hard import EasyHardMLP
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 2
+FORMAT = 3  # 3: twin_margins
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class PreparedTmu:
         twin_columns: raw features of the twin problem, ``{"df": (T, top_n), "af": (T,), "cf": (T,)}``.
         twin_easy: (T,) bool, M_o classifies the twin sample correctly.
         class_rates: (K,) share of easy twin samples per class (the "prior" feature of a forget sample).
+        twin_margins: (T,) M_o's logit margins on the twin samples (the easy samples' target margins are
+            quantiles of the correct ones).
         twin_state: state_dict of M_t; empty for a state made by an incremental update (no twin model kept).
         cf_state: state_dict of the curriculum model.
         cf_ids: samples the curriculum model was trained on.
@@ -64,6 +66,7 @@ class PreparedTmu:
     twin_columns: dict[str, torch.Tensor]
     twin_easy: torch.Tensor
     class_rates: torch.Tensor
+    twin_margins: torch.Tensor
     twin_state: dict[str, torch.Tensor]
     cf_state: dict[str, torch.Tensor]
     cf_ids: tuple[str, ...]
@@ -91,7 +94,7 @@ def save_prepared(prepared: PreparedTmu, workdir: Path) -> None:
         "train_features.pt": {"ids": list(prepared.train_ids), "features": prepared.train_features.cpu(),
                               "labels": prepared.train_labels.cpu()},
         "twin_problem.pt": {"ids": list(prepared.twin_ids), "easy": prepared.twin_easy.cpu(),
-                            "class_rates": prepared.class_rates.cpu(),
+                            "class_rates": prepared.class_rates.cpu(), "margins": prepared.twin_margins.cpu(),
                             "columns": {k: v.cpu() for k, v in prepared.twin_columns.items()}},
         "classifier.pt": {"state_dict": _cpu(clf.state_dict()), **clf.shape},
     }
@@ -144,7 +147,7 @@ def load_prepared(workdir: Path) -> PreparedTmu:
     return PreparedTmu(
         key=key, train_ids=tuple(feats["ids"]), train_features=feats["features"], train_labels=feats["labels"],
         twin_ids=tuple(twin["ids"]), twin_columns=dict(twin["columns"]), twin_easy=twin["easy"],
-        class_rates=twin["class_rates"],
+        class_rates=twin["class_rates"], twin_margins=twin["margins"],
         twin_state=_load(workdir / "twin_model.pt")["state_dict"] if "twin_model.pt" in manifest.get("files", ())
         else {}, cf_state=cf["state_dict"],
         cf_ids=tuple(cf["ids"]), classifier=clf, info=info,

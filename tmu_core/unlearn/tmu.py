@@ -26,14 +26,13 @@ from tmu_core.unlearn.common import (
     copy_model,
     features_over,
     fresh_model,
-    logits_of,
     on_device,
     subset_rows,
 )
 from tmu_core.unlearn.data import UnlearnData
 from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy
 from tmu_core.unlearn.features import assemble, curriculum_feature
-from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune, logit_margin
+from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune
 from tmu_core.unlearn.options import TmuOptions
 from tmu_core.unlearn.prepared import (
     PreparedTmu,
@@ -153,9 +152,10 @@ class TmuMethod(UnlearnMethod):
         easy_rows, hard_rows = predicted.nonzero().squeeze(1).cpu(), (~predicted).nonzero().squeeze(1).cpu()
         hard = TuneSet(forget_images[hard_rows], forget_labels[hard_rows])
         easy_labels = forget_labels[easy_rows]
-        easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(model, data, easy_labels, device))
+        easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(prepared, data, easy_labels))
+        guard, guard_level = self._guard_set(data, prepared)
         tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
-                                anchor=model, guard=self._guard_set(data))
+                                anchor=model, guard=guard, guard_level=guard_level)
         timings["fine_tune"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
 
@@ -222,15 +222,14 @@ class TmuMethod(UnlearnMethod):
         ids = data.forget_ids + data.twin_ids + tuple(data.retain_ids[row] for row in rows.tolist())
         return train_cf_model(model, meta, data.rows(ids), data.labels_of(ids), self.options, device)
 
-    def _easy_targets(self, model: nn.Module, data: UnlearnData, labels: torch.Tensor,
-                      device: torch.device) -> torch.Tensor | None:
-        """Per easy sample, the ``easy_quantile`` quantile (0.5: the median) of the logit margins M_o gives
-        held-out (twin) samples of its class that it classifies correctly (``easy_target="held_out"``); None for
-        plain cross-entropy."""
+    def _easy_targets(self, prepared: PreparedTmu, data: UnlearnData, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per easy sample, the ``easy_quantile`` quantile (0.5: the median) of the logit margins that the
+        prepared state's reference model (``reference``) gives held-out (twin) samples of its class that it
+        classifies correctly (``easy_target="held_out"``); None for plain cross-entropy."""
         if self.options.easy_target == "none" or not labels.numel():
             return None
-        twin_images, twin_labels = data.tensors("twin")
-        margins = logit_margin(logits_of(model, twin_images, device).cpu(), twin_labels)
+        twin_labels = data.labels_of(data.twin_ids)
+        margins = prepared.twin_margins
         correct = margins > 0
 
         def level(values: torch.Tensor) -> float:
@@ -243,16 +242,21 @@ class TmuMethod(UnlearnMethod):
                 targets[labels == label] = level(margins[mine])
         return targets
 
-    def _guard_set(self, data: UnlearnData) -> TuneSet | None:
+    def _guard_set(self, data: UnlearnData, prepared: PreparedTmu) -> tuple[TuneSet | None, float | None]:
         """Up to ``guard_size`` held-out twin images for the fine-tune's guard (None when it is off, or when the
-        request has more than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`)."""
+        request has more than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`), and with
+        ``reference="lineage"`` the accuracy on them of the version the prepared state's last full build was
+        made for (the level the guard's repair steps restore)."""
         opts = self.options
         if opts.guard_drop is None or (opts.guard_max_samples is not None
                                        and len(data.forget_ids) > opts.guard_max_samples):
-            return None
+            return None, None
         images, labels = data.tensors("twin")
         rows = subset_rows(labels.numel(), min(1.0, opts.guard_size / max(labels.numel(), 1)), opts.seed + 8)
-        return TuneSet(images[rows], labels[rows]) if rows.numel() else None
+        if not rows.numel():
+            return None, None
+        level = 100.0 * prepared.twin_easy[rows].float().mean().item() if opts.reference == "lineage" else None
+        return TuneSet(images[rows], labels[rows]), level
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
         """A random sample of D_r big enough for every step's retain batch (None without a retain term); each

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from tmu_core.unlearn.common import (
     features_of,
     features_over,
     fresh_model,
+    logits_of,
     model_hash,
     subset_rows,
     train_epochs,
@@ -39,6 +40,7 @@ from tmu_core.unlearn.features import (
     curriculum_feature,
     distance_feature,
 )
+from tmu_core.unlearn.forget_tune import logit_margin
 from tmu_core.unlearn.options import TmuOptions
 from tmu_core.unlearn.prepared import PreparedTmu
 
@@ -147,22 +149,32 @@ def original_fit(model: nn.Module, train_feats: torch.Tensor, train_labels: torc
     return (logits.argmax(dim=1).cpu() == train_labels.cpu()).float().mean().item()
 
 
-def original_side(model: nn.Module, data: UnlearnData, device: torch.device) -> tuple[
-        tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a prepared state holds under the version's own model M_o.
+class OriginalSide(NamedTuple):
+    """What a prepared state holds under the version's own model M_o (see :func:`original_side`)."""
 
-    Returns:
-        The training ids and labels (:func:`training_ids`), their (N, D) penultimate features (one pass, a
-        batch at a time, on the CPU), the twin samples' easy labels (M_o classifies them correctly), the
-        per-class easy rates and each twin sample's leave-one-out rate (:func:`class_prior`).
-    """
+    train_ids: tuple[str, ...]
+    train_labels: torch.Tensor
+    train_features: torch.Tensor
+    twin_easy: torch.Tensor
+    class_rates: torch.Tensor
+    twin_prior: torch.Tensor
+    twin_margins: torch.Tensor
+
+
+def original_side(model: nn.Module, data: UnlearnData, device: torch.device) -> OriginalSide:
+    """The training ids and labels (:func:`training_ids`), their (N, D) penultimate features under M_o (one pass,
+    a batch at a time, on the CPU), and M_o on the twin samples: which it classifies correctly (their easy
+    labels), the per-class easy rates and each twin sample's leave-one-out rate (:func:`class_prior`), and
+    its logit margins."""
     train_ids, train_labels = training_ids(data)
     twin_images, twin_labels = data.tensors("twin")
     train_feats = features_over(model, data.batches(train_ids), len(train_ids), device)
-    twin_easy = correct_of(model, twin_images, twin_labels, device).cpu()
+    twin_logits = logits_of(model, twin_images, device).cpu()
+    twin_easy = twin_logits.argmax(dim=1) == twin_labels.cpu()
     num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
     class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
-    return train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior
+    return OriginalSide(train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior,
+                        logit_margin(twin_logits, twin_labels.cpu()))
 
 
 def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuOptions, device: torch.device,
@@ -180,7 +192,9 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     timings: dict[str, float] = {}
     started = time.perf_counter()
     # (N, D) under M_o: the first of the two passes over D_r + D_f
-    train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior = original_side(model, data, device)
+    side = original_side(model, data, device)
+    train_ids, train_labels, train_feats = side.train_ids, side.train_labels, side.train_features
+    twin_easy = side.twin_easy
     twin_images, twin_labels = data.tensors("twin")
     timings["original_features"] = time.perf_counter() - started
 
@@ -203,7 +217,7 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     columns = problem_columns(twin_model, twin_images, twin_labels, features_of(twin_model, twin_images, device),
                               twin_train_feats, train_labels, cf_model, options, device)
     if "prior" in options.features:
-        columns["prior"] = twin_prior
+        columns["prior"] = side.twin_prior
     timings["twin_features"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -216,7 +230,8 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
     logger.info("prepared TMU: twin fit %.1f%% in %d epochs, easy rate %.1f%%, %.1fs", twin_fit["fit_accuracy"],
                 twin_fit["epochs"], info["twin_easy_rate"], timings["total"])
     return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
-                       twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=class_rates,
+                       twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=side.class_rates,
+                       twin_margins=side.twin_margins,
                        twin_state={k: v.detach().cpu() for k, v in twin_model.state_dict().items()},
                        cf_state={k: v.detach().cpu() for k, v in cf_model.state_dict().items()},
                        cf_ids=cf_ids, classifier=clf, info=info)
@@ -261,7 +276,14 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
     forgotten samples is kept, except values computed on the held-out twin samples (D_test) alone.
 
     - Recomputed under ``model``: the training features (one pass over the new training set, which has no row
-      of a forgotten id), the twin samples' easy labels, the class rates and the twin "prior" column.
+      of a forgotten id).
+    - The held-out measurements (which twin samples M_o classifies correctly, hence the class rates and the
+      twin "prior" column, and its logit margins on them): kept from the parent with ``reference="lineage"``,
+      so that every version of a chain of updates compares with the version its last full build was made for;
+      recomputed under ``model`` with ``reference="version"``. A retrained model keeps the held-out accuracy
+      of the model it replaces; an approximate version that drifted below it would otherwise make its own
+      drift the reference: a lower easy share (more samples predicted hard, more forgetting), lower easy
+      targets, and a guard that watches only each request's own cost, so the costs add up over a stream.
     - The curriculum model never saw M_o's weights (a fresh network trained on ``cf_ids``): kept when no
       forgotten id is in ``cf_ids``, else retrained with the same seeds on ``cf_ids`` without the forgotten ids
       (exactly what :func:`train_cf_model` gives on those ids), and the twin "cf" column recomputed with it.
@@ -284,17 +306,24 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior = original_side(model, data, device)
+    side = original_side(model, data, device)
+    train_ids, train_labels, train_feats = side.train_ids, side.train_labels, side.train_features
     forgotten = set(parent.train_ids) - set(train_ids)
     twin_images, twin_labels = data.tensors("twin")
     timings["original_features"] = time.perf_counter() - started
 
     mark = time.perf_counter()
     columns = dict(parent.twin_columns)
-    if "prior" in columns:
-        columns["prior"] = twin_prior
-    recomputed = ["train_features", "twin_easy", "class_rates"] + (["twin_columns.prior"] if "prior" in columns else [])
-    kept = ["twin_columns." + name for name in sorted(columns) if name not in ("prior", "cf")] + ["classifier"]
+    held_out = ["twin_easy", "class_rates", "twin_margins"] + (["twin_columns.prior"] if "prior" in columns else [])
+    if options.reference == "lineage":
+        twin_easy, class_rates, twin_margins = parent.twin_easy, parent.class_rates, parent.twin_margins
+        recomputed, kept = ["train_features"], held_out
+    else:
+        twin_easy, class_rates, twin_margins = side.twin_easy, side.class_rates, side.twin_margins
+        if "prior" in columns:
+            columns["prior"] = side.twin_prior
+        recomputed, kept = ["train_features", *held_out], []
+    kept += ["twin_columns." + name for name in sorted(columns) if name not in ("prior", "cf")] + ["classifier"]
     cf_ids, cf_state = parent.cf_ids, parent.cf_state
     if forgotten & set(parent.cf_ids):
         cf_ids = tuple(sample for sample in parent.cf_ids if sample not in forgotten)
@@ -309,7 +338,8 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
     timings["total"] = time.perf_counter() - started
     chain = int(parent.info.get("chain", 0)) + 1
     info = {"kind": "incremental", "chain": chain, "parent_key": parent.key, "parent": origin,
-            "options": options.prepare_key(), "forgotten": len(forgotten), "kept": kept, "recomputed": recomputed,
+            "reference": options.reference, "options": options.prepare_key(), "forgotten": len(forgotten),
+            "kept": kept, "recomputed": recomputed,
             "dropped": ["twin_model"], "timings": timings,
             "twin_easy_rate": 100.0 * twin_easy.float().mean().item(), "twin_size": len(data.twin_ids),
             "train_size": len(train_ids), "cf_size": len(cf_ids)}
@@ -318,4 +348,5 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
                 "retrained" if "cf_model" in recomputed else "kept", timings["total"])
     return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
                        twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=class_rates,
-                       twin_state={}, cf_state=cf_state, cf_ids=cf_ids, classifier=parent.classifier, info=info)
+                       twin_margins=twin_margins, twin_state={}, cf_state=cf_state, cf_ids=cf_ids,
+                       classifier=parent.classifier, info=info)
