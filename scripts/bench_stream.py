@@ -178,9 +178,9 @@ def wide_test_set(args: argparse.Namespace, reference: Any, view_of: Any) -> tup
 
 
 def _accuracy(model: Any, images: torch.Tensor, labels: torch.Tensor, device: Any) -> float:
-    from tmu_core.train import predict_logits
+    from tmu_core.unlearn.common import correct_of
 
-    return 100.0 * (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
+    return 100.0 * correct_of(model, images, labels, device).float().mean().item()
 
 
 def phase_build(args: argparse.Namespace) -> dict[str, Any]:
