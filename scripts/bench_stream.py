@@ -633,6 +633,15 @@ def tmu_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def guard_trace(tune: dict[str, Any]) -> dict[str, Any] | None:
+    """The guard's accuracies on its held-out images in one request (before, after, the level its repairs
+    restore) and its repair steps; None for a request it did not watch."""
+    if tune.get("guard_accuracy_before") is None:
+        return None
+    return {"before": round(tune["guard_accuracy_before"], 1), "after": round(tune["guard_accuracy_after"], 1),
+            "level": round(tune["guard_level"], 1), "repairs": tune["refused_steps"]}
+
+
 def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
     """The stream's requests applied by the library alone, the way a forget job does it: the serving version's
     TMU state prepared (then, for each next version, updated from its parent's as ``prepare_next`` does), the
@@ -681,9 +690,10 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
                                    "kind": "approximate", "checkpoint": str(path), "prepared": how,
                                    "prepare_s": round(prepare_s, 1), "unlearn_s": round(outcome.seconds, 1),
                                    "predicted_hard": details["predicted_hard"], "steps": details["steps"],
-                                   "stop_reason": details["stop_reason"]})
+                                   "stop_reason": details["stop_reason"], "guard": guard_trace(details["tune"])})
             print(f"replay {k}: {len(ids)} samples, {details['predicted_hard']} predicted hard, "
-                  f"{details['steps']} steps ({details['stop_reason']}), prepared {how} in {prepare_s:.1f}s",
+                  f"{details['steps']} steps ({details['stop_reason']}), prepared {how} in {prepare_s:.1f}s, "
+                  f"guard {result['rows'][-1]['guard']}",
                   file=sys.stderr, flush=True)
             (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
     result["complete"] = True

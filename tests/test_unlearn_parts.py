@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tmu_core.device import generator
-from tmu_core.errors import InvalidInputError, UnknownIdsError
+from tmu_core.errors import DivergedError, InvalidInputError, UnknownIdsError
 from tmu_core.unlearn import (TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods,
                               parse_method_spec, register_method)
 from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy, select_easy
@@ -337,6 +337,13 @@ def test_forget_finetune_stops_at_max_steps():
     model, hard, easy = _two_blob_model()
     result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.0), DEVICE)
     assert result.stop_reason == "max_steps" and result.steps == 3
+
+
+def test_a_fine_tune_whose_loss_stops_being_a_number_raises_instead_of_returning_a_broken_model():
+    model, hard, easy = _two_blob_model()
+    with pytest.raises(DivergedError, match=r"diverged at step 1: its loss is (nan|inf).*'sgd', lr 1e\+30.*Lower"):
+        forget_finetune(model, hard, easy, None, TuneConfig(lr=1e30, max_steps=5, tolerance=0.0, optimizer="sgd",
+                                                            retain_weight=0.0), DEVICE)
 
 
 def _guard_near_the_hard_samples(pixel: int) -> TuneSet:

@@ -50,6 +50,11 @@ class AuthError(TmuError):
     """A request came without a token, or with a wrong one."""
 
 
+class DivergedError(TmuError):
+    """An unlearning method's loss became NaN or infinite: its settings (a learning rate too high for the model)
+    do not fit this model. The model it was given is left as it was."""
+
+
 class ServerError(TmuError):
     """TorchServe or the extension service did not answer as expected."""
 

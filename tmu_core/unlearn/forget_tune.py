@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmu_core.device import generator
+from tmu_core.errors import DivergedError
 from tmu_core.unlearn.base import check_choice, check_range
 from tmu_core.unlearn.common import as_input, correct_of, eval_mode, logits_of, sgd
 from tmu_core.unlearn.data import LazyImages
@@ -282,6 +283,15 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
     return loss, None
 
 
+def _check_finite(loss: torch.Tensor, step: int, config: TuneConfig) -> None:
+    """Stop a run whose loss is no longer a number, before it steps on it (the caller's model copy is then
+    discarded, and the version it came from stays as it was)."""
+    if not torch.isfinite(loss):
+        raise DivergedError(f"the forget fine-tune diverged at step {step}: its loss is {loss.item()} "
+                            f"(optimizer {config.optimizer!r}, lr {config.lr}); no version was made from it. "
+                            f"Lower the learning rate, or use the method's defaults")
+
+
 def _correct(model: nn.Module, part: TuneSet, device: torch.device) -> torch.Tensor:
     if not part.size:
         return torch.zeros(0, dtype=torch.bool, device=device)
@@ -378,6 +388,7 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
            and keeper.accuracy() < keeper.level - config.guard_drop):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device)
+            _check_finite(loss, steps + taken, config)
             keeper.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             _set_rate(keeper.optimiser, config.rate(steps + taken))
@@ -419,6 +430,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     while True:
         with _bn_mode(model, config.bn):
             loss, hard_now = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+        _check_finite(loss, steps, config)
         if hard_now is None:
             hard_now = _correct(model, hard, device)
         if easy_start is None:
