@@ -20,7 +20,8 @@ when the service reports one) noted, and the first test image of each class is p
 gold of k: a model trained with the original checkpoint's recipe (``meta.recipe``) on the training set minus the
 union of everything forgotten up to k, the quickstart's 100 included. Scores: ACC_Dtest of both, the absolute
 gap in accuracy on that union (Delta), and the loss-threshold attack's success on the union (``measure``, as a
-forget job's report uses it). Every image is read from a reference index the script builds in ``--work`` from the
+forget job's report uses it); also each served copy's accuracy on the 9,500 test images no model sees, and on
+the twin half that TMU holds out (its guard's images are among them). Every image is read from a reference index the script builds in ``--work`` from the
 zip: the service wipes forgotten samples' pixels from its own index.
 
 Golds are cached under ``--work/golds`` by a hash of their training ids and recipe, so runs with and without a
@@ -480,6 +481,8 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
         eval_ids = list(plan_data(reference, 0.5, 0).eval_ids)
         test = (view.load(eval_ids), reference.labels(eval_ids))
         wide = wide_test_set(args, reference, lambda index: index.view(Preprocess.from_meta(meta)))
+        twin_ids = list(plan_data(reference, 0.5, 0).twin_ids)  # TMU's held-out half: its guard images among them
+        twin = (view.load(twin_ids), reference.labels(twin_ids))
         probe_ids = result.get("probe_ids") or [result.get("probe_id")]
         probes = view.load(probe_ids) if probe_ids[0] is not None else None
         for row in result["rows"] + ([result["end"]] if result["end"] else []):
@@ -499,7 +502,7 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
                         "asr": m.asr_after, "test_size": m.test_size, "gold": path.name if path else None,
                         "acc_test_gold": None, "acc_union_gold": None, "delta_union": None, "asr_gold": None,
                         "acc_wide": _accuracy(served, *wide, device), "wide_size": int(wide[1].numel()),
-                        "acc_wide_gold": None, "live_ok": live_ok})
+                        "acc_wide_gold": None, "acc_twin": _accuracy(served, *twin, device), "live_ok": live_ok})
             if path:
                 row.update({"acc_test_gold": m.acc_test_before, "acc_union_gold": m.acc_forget_before,
                             "delta_union": abs(m.acc_forget_after - m.acc_forget_before), "asr_gold": m.asr_before,
@@ -550,7 +553,8 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 COLUMNS = [("k", "k", "{}"), ("owner", "owner_size", "{}"), ("forgotten", "union", "{}"),
            ("served", "version", "v{}"), ("kind", "kind", "{}"), ("ACC_Dtest served", "acc_test", "{:.1f}"),
            ("ACC_Dtest gold", "acc_test_gold", "{:.1f}"), ("ACC wide served", "acc_wide", "{:.1f}"),
-           ("ACC wide gold", "acc_wide_gold", "{:.1f}"), ("Delta union", "delta_union", "{:.1f}"),
+           ("ACC wide gold", "acc_wide_gold", "{:.1f}"), ("ACC twin served", "acc_twin", "{:.1f}"),
+           ("Delta union", "delta_union", "{:.1f}"),
            ("ASR served", "asr", "{:.1f}"), ("ASR gold", "asr_gold", "{:.1f}"),
            ("request to serving s", "request_to_serving_s", "{:.1f}"), ("live", "live_ok", "{}")]
 

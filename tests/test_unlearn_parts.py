@@ -14,7 +14,7 @@ from tmu_core.unlearn import (TensorSource, UnlearnData, UnlearnMethod, get_meth
                               parse_method_spec, register_method)
 from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy, select_easy
 from tmu_core.unlearn.features import adversarial_feature, assemble, class_prior, distance_feature
-from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, forget_finetune, hard_loss, logit_margin
+from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, easy_loss, forget_finetune, hard_loss, logit_margin
 
 DEVICE = torch.device("cpu")
 
@@ -431,6 +431,46 @@ def test_a_guard_level_above_the_start_repairs_drift_that_earlier_requests_left(
     halve = TuneConfig(**{**cfg.__dict__, "guard_mode": "halve"})
     assert forget_finetune(copy.deepcopy(drifted), hard, easy, retain, halve, DEVICE, guard=guard,
                            guard_level=100.0).guard_level == start  # "halve" compares with the start only
+
+
+def test_consolidation_steps_run_only_after_the_run_is_aligned_and_keep_the_request_forgotten():
+    """After the run is aligned, ``consolidate_steps`` more steps, which leave the hard samples misclassified and
+    the easy ones correct (what they do for the test accuracy is measured in BENCHMARKS.md, on CIFAR-10)."""
+    model, hard, easy = _two_blob_model()
+    anchor = copy.deepcopy(model).eval()
+    near = _guard_near_the_hard_samples(90)
+    far = _guard_near_the_hard_samples(200)
+    retain = TuneSet(torch.cat([near.images, far.images]), torch.cat([near.labels, torch.ones_like(far.labels)]))
+    with torch.no_grad():
+        high = logit_margin(model(easy.images.float() / 255), easy.labels) + 5.0  # the easy term stays quiet
+    easy = TuneSet(easy.images, easy.labels, high)
+    cfg = TuneConfig(lr=0.05, max_steps=60, optimizer="sgd", noise_std=0.0, margin=1.0, retain_weight=1.0,
+                     retain_loss="kl", retain_batch=64)
+    plain = copy.deepcopy(model)
+    first = forget_finetune(plain, hard, easy, retain, cfg, DEVICE, anchor=anchor)
+    assert first.stop_reason == "aligned" and first.consolidated_steps == 0
+    consolidated = copy.deepcopy(model)
+    result = forget_finetune(consolidated, hard, easy, retain, TuneConfig(**{**cfg.__dict__, "consolidate_steps": 40}),
+                             DEVICE, anchor=anchor)
+    assert result.stop_reason == "aligned" and result.steps == first.steps and result.consolidated_steps == 40
+    assert result.hard_accuracy_after == 0.0 and result.easy_accuracy_after == 100.0
+    assert not all(torch.equal(a, b) for a, b in zip(consolidated.state_dict().values(),
+                                                     plain.state_dict().values()))  # the extra steps moved it
+
+
+def test_the_one_sided_easy_term_pulls_down_margins_above_the_target_and_back_across_the_boundary_only():
+    logits = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # margins 5, 1 and -2 for label 0
+    part = TuneSet(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
+                   torch.full((3,), 3.0))
+    assert easy_loss(logits, part, DEVICE).item() == pytest.approx((2 + 2 + 5) / 3)
+    assert easy_loss(logits, part, DEVICE, one_sided=True).item() == pytest.approx((2 + 0 + 2) / 3)
+
+
+def test_a_run_that_is_not_aligned_is_not_consolidated():
+    model, hard, easy = _two_blob_model()
+    result = forget_finetune(model, hard, easy, None, TuneConfig(lr=1e-8, max_steps=3, tolerance=0.0,
+                                                                 consolidate_steps=10), DEVICE)
+    assert result.stop_reason == "max_steps" and result.consolidated_steps == 0
 
 
 def test_warmup_raises_the_rate_linearly_to_lr():

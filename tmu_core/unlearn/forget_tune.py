@@ -43,6 +43,14 @@ samples moves every weight by about the learning rate (Adam's first steps are si
 gradient's size), which on a one- or two-sample request cost up to 12 points of test accuracy; the guard
 bounds that cost where it is measured instead of guessing a learning rate for every request size.
 
+Consolidation (``consolidate_steps``, 0: off): once the run is aligned, that many more steps with the easy
+term made one-sided (``relu(margin - target) + relu(-margin)``: an easy sample above its target is still pulled
+down, and one that turned wrong is pushed back, but one between the boundary and its target is left alone) and
+the hinge and the retain term as before. With the hard samples past their margin the
+loss is then mostly the KL term, which pulls the function on retained samples back to where the request
+started: what the forget steps cost elsewhere is repaired instead of left behind. A request that stops as soon
+as it is aligned keeps that cost, and on a stream of small requests the costs add up.
+
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
 have the scale of ordinary training) and still leaves the running statistics unchanged.
@@ -112,6 +120,8 @@ class TuneConfig:
             ``warmup_steps`` steps (0: ``lr`` from the first step).
         easy_slack: logits the easy samples' mean excess over their target margins may be when the stopping rule
             ends the run (None: not checked; ignored when the easy samples carry no targets).
+        consolidate_steps: steps after the run is aligned, with the easy term one-sided (see the module
+            docstring); they do not count towards ``max_steps``.
         seed: noise and batch sampling.
     """
 
@@ -137,6 +147,7 @@ class TuneConfig:
     guard_repairs: int = 20
     warmup_steps: int = 0
     easy_slack: float | None = None
+    consolidate_steps: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -165,6 +176,7 @@ class TuneConfig:
         check_range(owner, "guard_repairs", self.guard_repairs, 0)
         if self.easy_slack is not None:
             check_range(owner, "easy_slack", self.easy_slack, 0.0)
+        check_range(owner, "consolidate_steps", self.consolidate_steps, 0)
 
     def rate(self, step: int) -> float:
         """The learning rate of step ``step`` (counted from 0), before any halving by the guard."""
@@ -206,6 +218,7 @@ class TuneResult:
     refused_steps: int = 0
     guard_level: float | None = None
     easy_excess_after: float | None = None
+    consolidated_steps: int = 0
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
@@ -235,12 +248,15 @@ def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return true - logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
 
 
-def easy_loss(logits: torch.Tensor, part: TuneSet, device: torch.device) -> torch.Tensor:
-    """CE of the easy batch, or its mean distance to the samples' target margins when they have them."""
+def easy_loss(logits: torch.Tensor, part: TuneSet, device: torch.device, one_sided: bool = False) -> torch.Tensor:
+    """CE of the easy batch, or its mean distance to the samples' target margins when they have them (when
+    ``one_sided``: only the excess above the target, and how far a sample is on the wrong side of the boundary)."""
     labels = part.labels.to(device)
     if part.margin_target is None:
         return F.cross_entropy(logits, labels)
-    return (logit_margin(logits, labels) - part.margin_target.to(device)).abs().mean()
+    margin = logit_margin(logits, labels)
+    gap = margin - part.margin_target.to(device)
+    return (F.relu(gap) + F.relu(-margin) if one_sided else gap.abs()).mean()
 
 
 def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, config: TuneConfig,
@@ -253,7 +269,8 @@ def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, 
 
 
 def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-               config: TuneConfig, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+               config: TuneConfig, gen: torch.Generator, device: torch.device,
+               one_sided: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step's objective, and, when it comes for free, which hard samples the model classifies correctly.
 
     The hard, easy and retain batches go through the model together (so batch statistics, in ``bn="batch"``,
@@ -275,7 +292,7 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
     if hard_b.size:
         loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
     if easy_b.size:
-        loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device)
+        loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device, one_sided)
     if retain_b.size:
         loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
     if config.bn == "frozen" and hard_b.size == hard.size:
@@ -399,6 +416,22 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
     return taken
 
 
+def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneSet, easy: TuneSet,
+                 retain: TuneSet | None, anchor: nn.Module | None, config: TuneConfig, gen: torch.Generator,
+                 device: torch.device) -> int:
+    """``config.consolidate_steps`` steps after the run is aligned, the easy term one-sided (see the module
+    docstring); returns how many were taken."""
+    for step in range(config.consolidate_steps):
+        with _bn_mode(model, config.bn):
+            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True)
+            _check_finite(loss, step, config)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            _set_rate(optimiser, config.lr)
+            optimiser.step()
+    return config.consolidate_steps
+
+
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
                     config: TuneConfig, device: torch.device, anchor: nn.Module | None = None,
                     guard: TuneSet | None = None, guard_level: float | None = None) -> TuneResult:
@@ -460,6 +493,12 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         steps += 1
         if keeper is not None and config.guard_mode == "repair":
             steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps)
+    consolidated = 0
+    if reason == "aligned" and config.consolidate_steps:
+        consolidated = _consolidate(model, optimiser, hard, easy, retain, anchor, config, gen, device)
+        hard_now, easy_lost = _correct(model, hard, device), None
+        if keeper is not None:
+            keeper.now = keeper.accuracy()
     if easy_lost is None:
         easy_now, excess = _easy_state(model, easy, device)
     logger.debug("forget fine-tune: %d steps, stop=%s", steps, reason)
@@ -467,4 +506,4 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
                       _accuracy(easy_now), time.perf_counter() - started,
                       keeper.start if keeper else None, keeper.now if keeper else None,
                       keeper.refused if keeper else 0, keeper.level if keeper else None,
-                      excess if easy.margin_target is not None else None)
+                      excess if easy.margin_target is not None else None, consolidated)

@@ -142,7 +142,8 @@ class TmuOptions:
         easy_quantile: which quantile of those held-out margins is the target (0.5: the median).
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
-            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack: the unlearning fine-tune
+            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps: the unlearning
+            fine-tune
             (see :class:`TuneConfig`).
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
         guard_max_samples: the largest request the guard watches (None: every request).
@@ -200,6 +201,7 @@ class TmuOptions:
     guard_repairs: int = 20
     warmup_steps: int = TuneConfig.warmup_steps
     easy_slack: float | None = 0.25
+    consolidate_steps: int = TuneConfig.consolidate_steps
     guard_size: int = 256
     guard_max_samples: int | None = 32
 
