@@ -478,10 +478,11 @@ def score(args: argparse.Namespace, result: dict[str, Any]) -> None:
     forgotten = unions(requests)
     with reference_index(args) as reference:
         view = reference.view(Preprocess.from_meta(meta))
-        eval_ids = list(plan_data(reference, 0.5, 0).eval_ids)
+        plan = plan_data(reference, 0.5, 0)
+        eval_ids = list(plan.eval_ids)
         test = (view.load(eval_ids), reference.labels(eval_ids))
         wide = wide_test_set(args, reference, lambda index: index.view(Preprocess.from_meta(meta)))
-        twin_ids = list(plan_data(reference, 0.5, 0).twin_ids)  # TMU's held-out half: its guard images among them
+        twin_ids = list(plan.twin_ids)  # TMU's held-out half: its guard images among them
         twin = (view.load(twin_ids), reference.labels(twin_ids))
         probe_ids = result.get("probe_ids") or [result.get("probe_id")]
         probes = view.load(probe_ids) if probe_ids[0] is not None else None

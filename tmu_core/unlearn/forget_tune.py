@@ -395,6 +395,15 @@ def _set_rate(optimiser: torch.optim.Optimizer, rate: float) -> None:
         group["lr"] = rate
 
 
+def _descend(optimiser: torch.optim.Optimizer, loss: torch.Tensor, rate: float, step: int, config: TuneConfig) -> None:
+    """One optimiser step on ``loss`` at ``rate`` (a repair or consolidation step: no guard, no halving)."""
+    _check_finite(loss, step, config)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    _set_rate(optimiser, rate)
+    optimiser.step()
+
+
 def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
             config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int) -> int:
     """Steps on retained and predicted-easy samples only while the guard set is more than ``guard_drop`` points
@@ -405,11 +414,7 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
            and keeper.accuracy() < keeper.level - config.guard_drop):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device)
-            _check_finite(loss, steps + taken, config)
-            keeper.optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            _set_rate(keeper.optimiser, config.rate(steps + taken))
-            keeper.optimiser.step()
+            _descend(keeper.optimiser, loss, config.rate(steps + taken), steps + taken, config)
         taken += 1
     keeper.refused += taken
     keeper.now = keeper.accuracy()
@@ -424,11 +429,7 @@ def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneS
     for step in range(config.consolidate_steps):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True)
-            _check_finite(loss, step, config)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            _set_rate(optimiser, config.lr)
-            optimiser.step()
+            _descend(optimiser, loss, config.lr, step, config)
     return config.consolidate_steps
 
 
