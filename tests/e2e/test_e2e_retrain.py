@@ -89,6 +89,9 @@ def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served
     assert meta.recipe["retrain"]["job"] == done.id and recipe_config(meta).epochs == 8  # it can be retrained again
     report = json.loads((workspace.version_dir("m", exact.version) / "report.json").read_text())
     assert report["forgetting"]["kind"] == "exact" and "exact retrain" in format_report(report)
+    # The next forget request finds the exact version prepared for the forget jobs' method.
+    followup = store.jobs.get(done.id).followup
+    assert followup["artifacts"] == "ready" and followup["version"] == exact.version, followup
 
 
 def _forget_during_training(workspace, monkeypatch, owner: str) -> list[str]:

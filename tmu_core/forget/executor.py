@@ -166,8 +166,8 @@ class LocalExecutor:
 
         store = StateStore.open(workspace)
         target = job.to_version
-        options = dict(job.options)
-        method = get_method(options.pop("method", "tmu"), **options)
+        name, options = next_method(store, job)
+        method = get_method(name, **options)
         device = resolve_device(config.device)
         model, meta = load_checkpoint(store.versions.get(job.model, target).checkpoint, device)
         with TrainingIndex.open(workspace.index_dir) as index:
@@ -180,6 +180,20 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
+
+
+def next_method(store: Any, job: Any) -> tuple[str, dict[str, Any]]:
+    """The method (name, options) that the version ``job`` made is prepared for: the forget job's own; after a
+    retrain (whose options say why it ran, not how to forget), that of the model's latest forget job, or TMU's
+    defaults when it has none."""
+    if job.kind == "forget":
+        options = dict(job.options)
+        return options.pop("method", "tmu"), options
+    for earlier in store.jobs.list(model=job.model, state="succeeded", limit=10_000):
+        if earlier.kind == "forget":
+            options = dict(earlier.options)
+            return options.pop("method", "tmu"), options
+    return "tmu", {}
 
 
 def prepared_followup(went: str | None, why_full: str | None, version: int, seconds: float) -> dict[str, Any]:

@@ -296,16 +296,16 @@ class RayExecutor:
 
     def prepare_next(self, workspace: Any, job: Any, config: Any, parent: Any) -> dict[str, Any]:
         from tmu_core.forget.artifacts import plan_data
-        from tmu_core.forget.executor import prepared_followup
+        from tmu_core.forget.executor import next_method, prepared_followup
         from tmu_core.index import TrainingIndex
         from tmu_core.state.store import StateStore
 
         store = StateStore.open(workspace)
         record = store.versions.get(job.model, job.to_version)
-        options = dict(job.options)
+        name, options = next_method(store, job)
         with TrainingIndex.open(workspace.index_dir) as index:
             plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, record.version))
-        task = {"sha": sha256_file(record.checkpoint), "method": options.pop("method", "tmu"), "options": options,
+        task = {"sha": sha256_file(record.checkpoint), "method": name, "options": options,
                 "train_ids": list(plan.train_ids), "twin_ids": list(plan.twin_ids), "eval_ids": list(plan.eval_ids),
                 "origin": f"{job.model}:v{job.from_version}"}
         done = self._get(self._actor(job.model).prepare_next.remote(task, record.checkpoint.read_bytes()))
