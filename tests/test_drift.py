@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -173,3 +177,78 @@ def test_the_dispatcher_holds_forget_jobs_past_the_hold_level_while_a_retrain_wa
     jobs.submit_retrain("m", {"reason": "r"})
     assert held._held("m") and not lower._held("m")
     assert not Dispatcher(workspace, WorkerSettings(drift=DriftPolicy(budget=1.0)))._held("m")
+
+
+def _pretend_worker(job_id: str) -> subprocess.Popen:
+    """A live process whose command line is that of ``job_id``'s worker (what ``pid_runs_job`` checks)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tmu_core.forget.worker",
+                             "--job", job_id])
+
+
+def test_a_retrain_pauses_while_a_forget_job_works_and_goes_on_once_it_ends(tmp_path: Path) -> None:
+    from tmu_core.forget.retrain import YieldToForgets
+
+    store = StateStore.open(make_workspace(tmp_path))
+    job = store.jobs.submit("m", ["s1"])
+    assert store.jobs.claim_next("m").id == job.id
+    pause = YieldToForgets(store, poll_s=0.05)
+    assert not pause.busy()  # running, but no live worker: a record left by a dead worker holds nothing up
+    worker = _pretend_worker(job.id)
+    try:
+        store.jobs.set_fields(job.id, worker_pid=worker.pid)
+        assert pause.busy()
+        threading.Timer(1.0, worker.kill).start()
+        started = time.monotonic()
+        pause()
+        assert time.monotonic() - started >= 0.9 and pause.paused_s >= 0.9
+    finally:
+        worker.kill()
+        worker.wait()
+    # succeeded and preparing the next version's artifacts still uses the CPU; ready does not
+    store.jobs.finish(job.id, "succeeded", result={})
+    store.jobs.set_fields(job.id, followup={"artifacts": "preparing", "version": 2})
+    worker = _pretend_worker(job.id)
+    try:
+        store.jobs.set_fields(job.id, worker_pid=worker.pid)
+        assert pause.busy()
+        store.jobs.set_fields(job.id, followup={"artifacts": "ready", "version": 2})
+        assert not pause.busy()
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_retrain_under_an_endless_stream_still_runs_between_its_longest_pauses(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    from tmu_core.forget.retrain import YieldToForgets
+
+    pause = YieldToForgets(StateStore.open(make_workspace(tmp_path)), poll_s=0.02, max_pause_s=0.2, run_s=30.0)
+    monkeypatch.setattr(pause, "busy", lambda: True)
+    started = time.monotonic()
+    pause()
+    assert 0.2 <= time.monotonic() - started < 5.0
+    started = time.monotonic()
+    for _ in range(100):  # within run_s of the capped pause: no more waiting
+        pause()
+    assert time.monotonic() - started < 0.5
+
+
+def test_every_training_step_passes_the_pause_point_inside_yielding() -> None:
+    import torch
+
+    from tmu_core.models import build_model
+    from tmu_core.train import TrainConfig, fit
+    from tmu_core.train.loops import yielding
+    from tmu_core.unlearn.common import train_epochs
+
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(20) % 2
+    model = build_model("small_cnn", 2, 3, 8)
+    calls: list[int] = []
+    with yielding(lambda: calls.append(1)):
+        fit(model, images, labels, TrainConfig(epochs=2, batch_size=8, augment=False), "cpu")
+        assert len(calls) == 2 * 3  # batches of 8, 8, 4 in each of two epochs
+        train_epochs(model, images, labels, epochs=1, lr=0.01, batch_size=10, seed=0, device=torch.device("cpu"))
+        assert len(calls) == 2 * 3 + 2
+    fit(model, images, labels, TrainConfig(epochs=1, batch_size=8, augment=False), "cpu")
+    assert len(calls) == 8  # outside the block the loops do not pause

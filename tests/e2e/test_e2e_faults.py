@@ -220,3 +220,56 @@ def test_a_step_after_the_commit_that_fails_a_few_times_is_retried(served, monke
     assert calls == [job_id] * 3
     # One swap record: the failed tries rolled theirs back with the job's success.
     _assert_finished(workspace, server, done, source, samples, audit_before)
+
+
+def test_the_next_version_is_prepared_while_the_job_commits_and_a_failed_job_leaves_none(served, monkeypatch) -> None:
+    """The new version's artifacts are prepared in a thread from the saved checkpoint on. When the register step
+    then fails, the undo waits for that thread and deletes what it wrote with the version's folder. The job that
+    lands leaves them ready, and the next job uses them instead of preparing again."""
+    from dataclasses import replace
+
+    from tmu_core.forget import executor, pipeline
+    from tmu_core.forget.artifacts import artifacts_dir
+
+    workspace, server = served
+    source, audit_before = _before(workspace)
+    job_id, samples = ask_to_forget(workspace, "owner-a-1")
+    real_prepare, preparing, prepared = executor._prepare_version, threading.Event(), threading.Event()
+
+    def slow_prepare(*args):  # started ahead, and still running when the register step fails
+        preparing.set()
+        time.sleep(1.0)
+        try:
+            return real_prepare(*args)
+        finally:
+            prepared.set()
+
+    def failing_register(run, loaded, package):
+        assert preparing.wait(30)
+        raise ServerError("TorchServe did not load the new version")
+
+    monkeypatch.setattr(executor, "_prepare_version", slow_prepare)
+    monkeypatch.setattr(pipeline, "_register", failing_register)
+    monkeypatch.setattr(undo, "REQUEUE_FIRST_S", 0.0)
+    config = replace(_config(attempts=3), prepare_next=True)
+    _claim(workspace, job_id)
+    again = run_job(workspace, job_id, config)
+
+    assert again.state == "queued" and "did not load the new version" in again.reason, again.reason
+    assert prepared.wait(60)
+    assert not workspace.version_dir("m", again.to_version).exists()
+    assert_serving(workspace, server, source)
+
+    monkeypatch.undo()
+    _claim(workspace, job_id)
+    done = run_job(workspace, job_id, config)
+    _assert_finished(workspace, server, done, source, samples, audit_before)
+    assert done.followup["artifacts"] == "ready" and done.followup["preparation"] == "incremental", done.followup
+    assert artifacts_dir(workspace, "m", done.to_version).is_dir()
+
+    next_id, _ = ask_to_forget(workspace, "owner-b-1")
+    _claim(workspace, next_id)
+    after = run_job(workspace, next_id, _config(attempts=3))
+    assert after.state == "succeeded", after.reason
+    info = after.result["unlearn_details"]["prepared_info"]
+    assert (info["kind"], info["parent"]) == ("incremental", f"m:v{source}"), info  # read, not built again

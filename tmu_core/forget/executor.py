@@ -7,7 +7,9 @@ compute steps of the job for it, and the preparation of the next version after t
 - ``prepare``: the serving version's prepared artifacts (TMU's twin model, features and classifier);
 - ``unlearn``: the method on the forget set, giving the new weights;
 - ``evaluate``: ACC on D_test and D_f and the membership attack;
-- ``prepare_next``: the new version's artifacts, once it serves.
+- ``prepare_ahead`` / ``prepare_next``: the new version's artifacts, so that the next request finds them ready.
+  The local executor starts them in a thread as soon as the new checkpoint is saved, while the job packages,
+  registers and commits the version (``prepare_ahead``); otherwise they are made once it serves.
 
 :class:`LocalExecutor` (the default) runs them in the worker process, with the artifacts on disk beside the
 version. :class:`tmu_core.forget.ray_executor.RayExecutor` runs them in a warm per-model actor on a Ray cluster.
@@ -17,6 +19,7 @@ A step that raises, for either, is undone by the pipeline like any other failed 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -120,6 +123,8 @@ class Executor(Protocol):
 
     def evaluate(self, run: Any, loaded: Any, unlearned: Any) -> Any: ...
 
+    def prepare_ahead(self, run: Any, loaded: Any, unlearned: Any, saved: Any) -> Future | None: ...
+
     def prepare_next(self, workspace: Any, job: Any, config: Any, parent: Any) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
@@ -154,32 +159,56 @@ class LocalExecutor:
         return measure(loaded.model, unlearned.outcome.model, unlearned.data.tensors("forget"), test, run.device,
                        None if hard is None else len(hard), run.config.mia_alpha)
 
+    def prepare_ahead(self, run: Any, loaded: Any, unlearned: Any, saved: Any) -> Future:
+        """Start preparing the new version's artifacts in a thread, from the job's new weights in memory, while
+        the job packages, registers and commits the version. The thread takes the artifacts folder's lock at
+        once, long before the next job can ask for it (that job first waits for this one's model lock), so the
+        next job waits for this preparation instead of making a second one. The future gives the job's
+        ``followup``; a job that fails before its commit waits for it before its undo deletes the folder."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-ahead")
+        future = pool.submit(_prepare_version, run.workspace, run.job, run.config, loaded.target,
+                             unlearned.outcome.model, saved.meta, loaded.retain_ids, loaded.method)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+        return future
+
     def prepare_next(self, workspace: Any, job: Any, config: Any, parent: Any) -> dict[str, Any]:
         """Prepare the new version's artifacts on disk (incrementally from ``parent``'s state when it has one)."""
-        from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
         from tmu_core.device import resolve_device
-        from tmu_core.index import TrainingIndex
-        from tmu_core.preprocess import Preprocess
         from tmu_core.state.store import StateStore
         from tmu_core.train import load_checkpoint
-        from tmu_core.unlearn import get_method
 
         store = StateStore.open(workspace)
-        target = job.to_version
-        name, options = next_method(store, job)
-        method = get_method(name, **options)
-        device = resolve_device(config.device)
-        model, meta = load_checkpoint(store.versions.get(job.model, target).checkpoint, device)
-        with TrainingIndex.open(workspace.index_dir) as index:
-            plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, target))
-            seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan, device,
-                              artifacts_dir(workspace, job.model, target), parent=getattr(parent, "prepared", None),
-                              origin=f"{job.model}:v{job.from_version}")
-        why_full = getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")
-        return prepared_followup(getattr(method, "last_prepare", None), why_full, target, seconds)
+        model, meta = load_checkpoint(store.versions.get(job.model, job.to_version).checkpoint,
+                                      resolve_device(config.device))
+        return _prepare_version(workspace, job, config, job.to_version, model, meta,
+                                store.versions.members(job.model, job.to_version), parent)
 
     def close(self) -> None:
         pass
+
+
+def _prepare_version(workspace: Any, job: Any, config: Any, version: int, model: Any, meta: Any,
+                     members: Any, parent: Any) -> dict[str, Any]:
+    """Prepare ``version`` of ``job.model`` (weights ``model``, trained on ``members``) for the next forget job,
+    incrementally from ``parent``'s prepared state when the method has one; returns the ``followup``."""
+    from tmu_core.device import resolve_device
+    from tmu_core.forget.artifacts import artifacts_dir, plan_data, prepare
+    from tmu_core.index import TrainingIndex
+    from tmu_core.preprocess import Preprocess
+    from tmu_core.state.store import StateStore
+    from tmu_core.unlearn import get_method
+
+    name, options = next_method(StateStore.open(workspace), job)
+    method = get_method(name, **options)
+    with TrainingIndex.open(workspace.index_dir) as index:
+        plan = plan_data(index, config.twin_fraction, config.seed, members)
+        seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan,
+                          resolve_device(config.device), artifacts_dir(workspace, job.model, version),
+                          parent=getattr(parent, "prepared", None), origin=f"{job.model}:v{job.from_version}")
+    why_full = getattr(getattr(method, "prepared", None), "info", {}).get("full_reason")
+    return prepared_followup(getattr(method, "last_prepare", None), why_full, version, seconds)
 
 
 def next_method(store: Any, job: Any) -> tuple[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,15 +247,23 @@ def _run_to_commit(run: _Run) -> bool:
     unlearned = run.step("unlearn", lambda: _unlearn(run, loaded))
     metrics = run.step("evaluate", lambda: _evaluate(run, loaded, unlearned))
     saved = run.step("save", lambda: _save(run, loaded, unlearned))
-    package = run.step("package", lambda: _package(run, loaded, saved))
-    run.step("register", lambda: _register(run, loaded, package))
-    result = _result(run, loaded, unlearned, metrics, package)
-    plan = commit.CommitPlan(model=run.job.model, source=loaded.source.version, target=loaded.target,
-                             archive=package.archive, checkpoint=saved.checkpoint, onnx=package.onnx,
-                             members=loaded.retain_ids, forgotten=tuple(run.ids), request_ids=tuple(run.request_ids),
-                             drift=result["forgetting"]["drift"], drift_policy=run.config.drift)
-    run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
-                                                 run.config.retry))
+    # The next version's artifacts are prepared while this one is packaged, registered and committed.
+    run.ahead = run.executor.prepare_ahead(run, loaded, unlearned, saved) if run.config.prepare_next else None
+    try:
+        package = run.step("package", lambda: _package(run, loaded, saved))
+        run.step("register", lambda: _register(run, loaded, package))
+        result = _result(run, loaded, unlearned, metrics, package)
+        plan = commit.CommitPlan(model=run.job.model, source=loaded.source.version, target=loaded.target,
+                                 archive=package.archive, checkpoint=saved.checkpoint, onnx=package.onnx,
+                                 members=loaded.retain_ids, forgotten=tuple(run.ids),
+                                 request_ids=tuple(run.request_ids), drift=result["forgetting"]["drift"],
+                                 drift_policy=run.config.drift)
+        run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
+                                                     run.config.retry))
+    except BaseException:
+        if run.ahead is not None:  # let it finish writing before the undo deletes the version's folder
+            wait([run.ahead])
+        raise
     return True
 
 
@@ -304,7 +313,8 @@ def run_job(workspace: Workspace, job_id: str, config: PipelineConfig) -> Job:
             if committed:
                 job = _forward(workspace, job_id, config)
         if job.state == "succeeded" and config.prepare_next and committed:
-            prepare_next(workspace, job, config, parent=getattr(run, "method", None), executor=executor)
+            prepare_next(workspace, job, config, parent=getattr(run, "method", None), executor=executor,
+                         ahead=getattr(run, "ahead", None))
     finally:
         executor.close()
     return store.jobs.get(job_id)
@@ -342,19 +352,22 @@ def _attempt(run: _Run, to_commit: Callable[[], bool] | None = None) -> bool | N
 
 
 def prepare_next(workspace: Workspace, job: Job, config: PipelineConfig, parent: Any = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, ahead: Future | None = None) -> None:
     """Prepare the new version's artifacts (after the job succeeded); the outcome goes to ``followup``.
 
     ``parent`` is the job's method: when it holds the source version's prepared state in memory (TMU), the new
     version's is an incremental update of it (that version's artifacts folder is deleted by then). ``followup``
     says how it went (``preparation``: ``incremental``, ``full``, or ``reused`` when a state was already there)
-    and its seconds. ``executor`` runs it (this process by default).
+    and its seconds. ``executor`` runs it (this process by default); ``ahead``, the preparation the executor
+    started before the commit (:meth:`tmu_core.forget.executor.LocalExecutor.prepare_ahead`), is waited for
+    instead.
     """
     store = StateStore.open(workspace)
     target = job.to_version
     store.jobs.set_fields(job.id, followup={"artifacts": "preparing", "version": target})
     try:
-        followup = (executor or LocalExecutor()).prepare_next(workspace, job, config, parent)
+        followup = ahead.result() if ahead is not None else (executor or LocalExecutor()).prepare_next(
+            workspace, job, config, parent)
     except Exception as err:  # the job already succeeded; the next job prepares on demand
         logger.exception("job=%s: preparing v%s artifacts failed", job.id, target)
         store.jobs.set_fields(job.id, followup={"artifacts": "failed", "version": target, "reason": str(err)})

@@ -294,6 +294,10 @@ class RayExecutor:
     def evaluate(self, run: Any, loaded: Any, unlearned: Any) -> Any:
         return self._get(self._actor(run.job.model).evaluate.remote(self._task(run, loaded)))
 
+    def prepare_ahead(self, run: Any, loaded: Any, unlearned: Any, saved: Any) -> None:
+        """None: the actor prepares the new version once it serves (``prepare_next``)."""
+        return None
+
     def prepare_next(self, workspace: Any, job: Any, config: Any, parent: Any) -> dict[str, Any]:
         from tmu_core.forget.artifacts import plan_data
         from tmu_core.forget.executor import next_method, prepared_followup

@@ -19,6 +19,11 @@ samples' pixels are still in the index: while a model's retrain runs, the wipe l
 alone (:func:`tmu_core.forget.wipe.sweep`). No checkpoint of a network trained on a forgotten sample is ever
 written, no forget request waits for a training, and the version that lands holds exactly its membership.
 
+Low priority means two things. The worker runs at ``nice`` 10, and its training pauses between steps while a
+forget job runs or prepares its next version on this host (:class:`YieldToForgets`): two jobs sharing a few cores
+slow each other far more than their shares say, since each step of one waits for the other's threads. A forget
+request arriving during a retrain is served as fast as one without it; the retrain takes the gaps.
+
 A failure or a killed worker before the commit leaves what serves as it was (the same undo as a forget job's).
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +49,36 @@ from tmu_core.state.versions import VersionRecord
 logger = logging.getLogger(__name__)
 
 NICE = 10  # a retrain yields the CPU to forget jobs and serving
+
+
+class YieldToForgets:
+    """A retrain's pause (:func:`tmu_core.train.loops.yielding`): before a training step, wait while a forget job
+    uses the CPU (:meth:`tmu_core.state.jobs.JobStore.busy_forgets`, its worker alive on this host).
+
+    Asks the state database at most every ``poll_s`` seconds. A pause lasts at most ``max_pause_s``; then the
+    training runs at least ``run_s`` before it pauses again, so a retrain still progresses under an endless
+    stream of requests. ``paused_s`` sums the pauses (the job's report shows it as the ``yielded`` timing).
+    """
+
+    def __init__(self, store: StateStore, poll_s: float = 0.5, max_pause_s: float = 600.0, run_s: float = 60.0) -> None:
+        self.store, self.poll_s, self.max_pause_s, self.run_s = store, poll_s, max_pause_s, run_s
+        self.paused_s = 0.0
+        self._next_check = 0.0
+
+    def busy(self) -> bool:
+        from tmu_core.forget.dispatcher import pid_runs_job
+
+        return any(pid_runs_job(job.worker_pid, job.id) for job in self.store.jobs.busy_forgets())
+
+    def __call__(self) -> None:
+        started = time.monotonic()
+        if started < self._next_check:
+            return
+        while self.busy() and time.monotonic() - started < self.max_pause_s:
+            time.sleep(self.poll_s)
+        ended = time.monotonic()
+        self.paused_s += ended - started
+        self._next_check = ended + (self.run_s if ended - started >= self.max_pause_s else self.poll_s)
 
 
 @dataclass(frozen=True)
@@ -216,11 +252,16 @@ def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
     steps up to the commit."""
     from tmu_core.state.locks import model_lock
 
-    trained = run.step("train", lambda: _train(run))
-    retrained, ready = trained.model, None
-    early = _stale(run, trained.ids)
-    if early:  # forgotten during the training: prepare the catch-up's state before taking the lock
-        ready = run.step("prepare", lambda: _prepare_catch_up(run, trained, early))
+    from tmu_core.train.loops import yielding
+
+    pause = YieldToForgets(run.store)
+    with yielding(pause):  # not under the model's lock: a forget job waiting for it would wait for the pause
+        trained = run.step("train", lambda: _train(run))
+        retrained, ready = trained.model, None
+        early = _stale(run, trained.ids)
+        if early:  # forgotten during the training: prepare the catch-up's state before taking the lock
+            ready = run.step("prepare", lambda: _prepare_catch_up(run, trained, early))
+    run.timings["yielded"] = round(pause.paused_s, 3)
     locks.enter_context(model_lock(run.workspace, run.job.model, blocking=True, holder=run.job.id))
     current = run.store.versions.require_serving(run.job.model)
     target = run.store.versions.reserve(run.job.model, run.job.id)

@@ -291,6 +291,14 @@ class JobStore:
         logger.info("job=%s queued: retrain model=%s (%s)", job_id, model, options.get("reason"))
         return _row_to_job(conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()), True
 
+    def busy_forgets(self) -> list[Job]:
+        """Forget jobs of any model that use the CPU now: running, or succeeded and preparing the next version's
+        artifacts (their ``followup``). What a low-priority retrain waits for."""
+        with read_conn(self.path) as conn:
+            rows = conn.execute("SELECT * FROM jobs WHERE kind='forget' AND (state='running' OR (state='succeeded' "
+                                "AND json_extract(followup, '$.artifacts')='preparing'))").fetchall()
+        return [_row_to_job(r) for r in rows]
+
     def retrains(self, model: str, *, conn: sqlite3.Connection | None = None) -> list[Job]:
         """``model``'s retrain jobs, newest first."""
         if conn is None:

@@ -21,7 +21,7 @@ from tmu_core.train.augment import crop_flip
 from tmu_core.preprocess import Preprocess
 from tmu_core.train.checkpoint import CheckpointMeta
 from tmu_core.train.config import TrainConfig, TrainHistory, TrainResult
-from tmu_core.train.loops import accuracy, check_images, check_labels, to_float
+from tmu_core.train.loops import accuracy, check_images, check_labels, pause_point, to_float
 
 if TYPE_CHECKING:
     from tmu_core.index import TrainingIndex
@@ -67,6 +67,7 @@ def _train_epoch(
         idx = order[start:start + cfg.batch_size]
         if idx.numel() < 2:
             continue
+        pause_point()
         x01 = to_float(images_u8[idx], device)
         if cfg.augment:
             x01 = crop_flip(x01, padding, aug_gen)

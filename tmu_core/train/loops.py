@@ -1,6 +1,6 @@
-"""Batched inference helpers shared by training, unlearning and evaluation.
+"""Batched inference helpers shared by training, unlearning and evaluation, and the training loops' pause point.
 
-All of them take uint8 images (N, C, H, W), move one batch at a time to ``device``, run the model under
+The inference helpers take uint8 images (N, C, H, W), move one batch at a time to ``device``, run the model under
 ``eval()`` and ``torch.inference_mode()``, return CPU tensors and leave the model in the mode it was in.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -15,6 +16,26 @@ from torch import nn
 from tmu_core.errors import InvalidInputError
 
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+_PAUSE: ContextVar[Callable[[], None] | None] = ContextVar("tmu_training_pause", default=None)
+
+
+@contextlib.contextmanager
+def yielding(wait: Callable[[], None]) -> Iterator[None]:
+    """Inside the block every training step first calls ``wait``, which may sleep: how a low-priority training
+    (an exact retrain) leaves the CPU to forget jobs. The loops of ``fit``, ``fit_rows`` and ``train_epochs``
+    call it through :func:`pause_point`."""
+    token = _PAUSE.set(wait)
+    try:
+        yield
+    finally:
+        _PAUSE.reset(token)
+
+
+def pause_point() -> None:
+    """Where a training loop lets a low-priority training wait (see :func:`yielding`); free otherwise."""
+    wait = _PAUSE.get()
+    if wait is not None:
+        wait()
 
 
 def check_images(images_u8: torch.Tensor, name: str = "images") -> None:

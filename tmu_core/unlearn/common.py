@@ -17,7 +17,7 @@ from torch import nn
 
 from tmu_core.device import generator
 from tmu_core.errors import InvalidInputError
-from tmu_core.train.loops import eval_mode, to_float
+from tmu_core.train.loops import eval_mode, pause_point, to_float
 
 if TYPE_CHECKING:
     from tmu_core.unlearn.data import LazyImages, UnlearnData
@@ -188,6 +188,7 @@ def train_epochs(model: nn.Module, images: torch.Tensor | LazyImages, labels: to
     for run in range(1, epochs + 1):
         correct = 0
         for rows in epoch_batches(images.shape[0], batch_size, gen):
+            pause_point()
             x, y = as_input(images[rows], device), labels[rows].to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
