@@ -30,7 +30,7 @@ by the seed; each gold costs what the quickstart's training does, 70 s on 2 idle
 busy ones). ``--phase score`` scores a run again (``runs/<label>/stream.json``, saved after every request, so a
 run cut short can be scored too); with ``--missing-golds skip`` a row without a cached gold keeps only the served
 version's scores. ``--drift-budget``, ``--retrain-after-forgets`` and ``--retrain-after`` (and any ``--serve-arg``) are
-passed to ``tmu-admin serve start`` only when given. At the end the script waits (bounded) until no job is queued
+passed to ``tmu-admin serve start`` only when given (its defaults: budget 1.0, ``--drift-hold 2.0``). At the end the script waits (bounded) until no job is queued
 or running, scores the version then serving, counts the exact versions that landed, and stops the stack (also on
 an error or Ctrl-C).
 

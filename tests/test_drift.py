@@ -86,6 +86,17 @@ def test_the_cli_options_and_the_process_flags_carry_the_policy() -> None:
     assert policy_flags(DriftPolicy()) == []
 
 
+def test_the_extension_retrains_past_one_point_and_holds_forgets_past_two_by_default() -> None:
+    from tmu_core.cli.forget_cmd import extension_start
+    from tmu_core.cli.serve_cmd import serve_start
+
+    for command in (serve_start, extension_start):
+        defaults = {param.name: param.default for param in command.params}
+        policy = drift_policy(defaults["drift_budget"], defaults["retrain_after_forgets"], defaults["retrain_after"],
+                              defaults["drift_hold"])
+        assert policy == DriftPolicy(budget=1.0, hold_at=2.0), command.name
+
+
 def test_a_model_has_one_queued_or_running_retrain_beside_its_forget_jobs(tmp_path: Path) -> None:
     jobs = JobStore(tmp_path / "state.sqlite")
     forget = jobs.submit("m", ["a"])
