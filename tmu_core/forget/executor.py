@@ -216,12 +216,10 @@ def next_method(store: Any, job: Any) -> tuple[str, dict[str, Any]]:
     retrain (whose options say why it ran, not how to forget), that of the model's latest forget job, or TMU's
     defaults when it has none."""
     if job.kind == "forget":
-        options = dict(job.options)
-        return options.pop("method", "tmu"), options
+        return job.method()
     for earlier in store.jobs.list(model=job.model, state="succeeded", limit=10_000):
         if earlier.kind == "forget":
-            options = dict(earlier.options)
-            return options.pop("method", "tmu"), options
+            return earlier.method()
     return "tmu", {}
 
 

@@ -165,8 +165,8 @@ def _load(run: _Run) -> Loaded | None:
     undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
     run.store.jobs.set_fields(run.job.id, from_version=source.version, to_version=target)
     plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
-    options = dict(run.job.options)
-    method = get_method(options.pop("method", "tmu"), **options)
+    name, options = run.job.method()
+    method = get_method(name, **options)
     run.method = method  # its prepared state (this version's) seeds the next version's, see prepare_next
     model, meta = load_checkpoint(source.checkpoint, run.device)
     index = index.view(Preprocess.from_meta(meta))  # every image read as this version's handler reads it

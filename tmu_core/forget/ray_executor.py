@@ -255,9 +255,9 @@ class RayExecutor:
         return ray.get(ref, timeout=self.settings.ray_timeout_s)
 
     def _task(self, run: Any, loaded: Any) -> dict[str, Any]:
-        options = dict(run.job.options)
+        name, options = run.job.method()
         return {"job": run.job.id, "attempt": run.job.attempts, "seed": run.config.seed,
-                "sha": sha256_file(loaded.source.checkpoint), "method": options.pop("method", "tmu"),
+                "sha": sha256_file(loaded.source.checkpoint), "method": name,
                 "options": options, "train_ids": list(loaded.plan.train_ids), "twin_ids": list(loaded.plan.twin_ids),
                 "eval_ids": list(loaded.plan.eval_ids), "forget_ids": list(loaded.forget_ids),
                 "retain_ids": list(loaded.retain_ids), "mia_alpha": run.config.mia_alpha,

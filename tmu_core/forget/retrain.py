@@ -137,8 +137,8 @@ def _catch_up_method(run: _Run, stale: set[str]) -> tuple[str, dict[str, Any], l
     did: owed samples a rollback made), and the ids of those jobs."""
     jobs = [job for job in run.store.jobs.list(model=run.job.model, state="succeeded", limit=10_000)
             if job.kind == "forget" and stale & set(job.sample_ids)]
-    options = dict(jobs[0].options) if jobs else {}
-    return options.pop("method", "tmu"), options, sorted(job.id for job in jobs)
+    name, options = jobs[0].method() if jobs else ("tmu", {})
+    return name, options, sorted(job.id for job in jobs)
 
 
 @dataclass

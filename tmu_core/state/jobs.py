@@ -101,6 +101,11 @@ class Job:
         """True once the job succeeded or failed."""
         return self.state in ("succeeded", "failed")
 
+    def method(self) -> tuple[str, dict[str, Any]]:
+        """The forget method this (forget) job asked for and its options: ``tmu`` when it names none."""
+        options = dict(self.options)
+        return options.pop("method", "tmu"), options
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         return dict(self.__dict__)
