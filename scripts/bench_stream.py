@@ -67,9 +67,8 @@ from bench_scale import DEFAULT_ZIP, Clock  # noqa: E402
 from soak_chaos import _interrupt, run_cli  # noqa: E402  (SIGTERM as Ctrl-C; tmu-admin, output captured)
 from soak_support import stop_leftovers  # noqa: E402
 
-from tmu_core.service.quickstart import MODEL  # noqa: E402
+from tmu_core.service.quickstart import MODEL, QuickstartConfig  # noqa: E402
 
-TEST_PER_CLASS = 100  # the quickstart's default
 PHASES = ("build", "golds", "stream", "score")
 OFFLINE = "replay"  # not in "all": the library instead of the service, for comparing method options
 
@@ -84,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, required=True,
                         help="folder for the cached workspace snapshot, reference index, golds and runs")
     parser.add_argument("--train-per-class", type=int, default=500)
+    parser.add_argument("--test-per-class", type=int, default=QuickstartConfig.test_per_class,
+                        help="held-out images per class (the quickstart's default); half are TMU's twin images, "
+                             "half the eval split that measures each version's drift")
     parser.add_argument("--epochs", type=int, default=24, help="epochs of the original model (the golds' recipe)")
     parser.add_argument("--forget-samples", type=int, default=100, help="the quickstart's own first request")
     parser.add_argument("--requests", type=int, default=20,
@@ -139,16 +141,14 @@ def _workspace(folder: Path) -> Any:
 
 
 def _quickstart_config(args: argparse.Namespace, folder: Path) -> Any:
-    from tmu_core.service.quickstart import QuickstartConfig
-
     return QuickstartConfig(folder=folder, data=args.data, train_per_class=args.train_per_class,
-                            test_per_class=TEST_PER_CLASS, forget_samples=args.forget_samples, epochs=args.epochs,
+                            test_per_class=args.test_per_class, forget_samples=args.forget_samples, epochs=args.epochs,
                             device=args.device, overwrite=True, seed=args.seed)
 
 
 def _build_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": str(args.data.absolute()), "train_per_class": args.train_per_class, "epochs": args.epochs,
-            "forget_samples": args.forget_samples, "seed": args.seed}
+            "forget_samples": args.forget_samples, "seed": args.seed, "test_per_class": args.test_per_class}
 
 
 def reference_index(args: argparse.Namespace) -> Any:
@@ -158,7 +158,7 @@ def reference_index(args: argparse.Namespace) -> Any:
     path = _paths(args)["reference"]
     if (path / "index.sqlite").is_file():
         return TrainingIndex.open(path)
-    return ingest_zip(args.data, path, train_per_class=args.train_per_class, test_per_class=TEST_PER_CLASS,
+    return ingest_zip(args.data, path, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                       overwrite=True)
 
 
@@ -196,7 +196,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     settings = _build_settings(args)
     if paths["build"].is_file() and paths["base"].is_dir():
         built = json.loads(paths["build"].read_text())
-        if built["settings"] == settings:
+        if {"test_per_class": 100, **built["settings"]} == settings:  # bases built before the flag held out 100
             return built
     paths["build"].unlink(missing_ok=True)
     shutil.rmtree(paths["base"], ignore_errors=True)

@@ -263,3 +263,22 @@ def test_every_training_step_passes_the_pause_point_inside_yielding() -> None:
         assert len(calls) == 2 * 3 + 2
     fit(model, images, labels, TrainConfig(epochs=1, batch_size=8, augment=False), "cpu")
     assert len(calls) == 8  # outside the block the loops do not pause
+
+
+def test_a_forget_job_waits_for_a_retrain_only_past_the_hold_level_and_at_most_twice(tmp_path: Path) -> None:
+    from tmu_core.forget.drift import MAX_HOLDS, retrain_to_wait_for
+
+    store = StateStore.open(make_workspace(tmp_path))
+    job = store.jobs.submit("m", ["a"])
+    drift = {"exact_base": 1, "base_acc_test": 60.0, "acc_test": 57.5, "cost": 2.5, "forgets": 3, "samples": 9,
+             "exact_since": "2026-01-01T00:00:00+00:00"}
+    assert retrain_to_wait_for(store, job, drift, DriftPolicy(hold_at=2.0)) is None  # nothing queued, none due
+    assert retrain_to_wait_for(store, job, drift, DriftPolicy(budget=1.0, hold_at=3.0)) is None  # below the hold
+    assert store.jobs.retrains("m") == []
+    held = retrain_to_wait_for(store, job, drift, DriftPolicy(budget=1.0, hold_at=2.0))
+    assert held is not None and held.retrain_id == store.jobs.retrains("m")[0].id  # queued because it was due
+    for _ in range(MAX_HOLDS):
+        store.jobs.hold(job.id, held.retrain_id, str(held))
+    waited = store.jobs.get(job.id)
+    assert retrain_to_wait_for(store, waited, drift, DriftPolicy(budget=1.0, hold_at=2.0)) is None
+    assert waited.state == "queued" and waited.attempts == 0

@@ -118,3 +118,48 @@ def test_worker_command_line(workspace) -> None:
     assert cmd[cmd.index("--job") + 1] == "fj-x" and cmd[cmd.index("--device") + 1] == "cuda:1"
     assert cmd[cmd.index("--home") + 1] == str(workspace.home) and cmd[-2:] == ["--kill-at", "drain"]
     assert os.path.basename(cmd[0]).startswith("python")
+
+
+def test_a_version_past_the_hold_level_waits_for_the_retrain_instead_of_serving(workspace, monkeypatch) -> None:
+    """The job's new version would cost 5 points against exact v1 (hold level 2): it queues the due retrain, is
+    undone without losing an attempt and waits; once that retrain has failed it goes on and serves its version (here
+    it fails at register, where a TorchServe would take it)."""
+    import dataclasses
+
+    from tmu_core.forget import pipeline
+    from tmu_core.forget.drift import DriftPolicy
+
+    real_evaluate = pipeline._evaluate
+
+    def five_points_worse(run, loaded, unlearned):
+        metrics = real_evaluate(run, loaded, unlearned)
+        return dataclasses.replace(metrics, acc_test_after=metrics.acc_test_before - 5)
+
+    monkeypatch.setattr(pipeline, "_evaluate", five_points_worse)
+    store = JobStore(workspace.state_db)
+    job = store.submit("m", ["train/d/0000"], options={"method": "tmu", **FAST_TMU})
+    config = PipelineConfig(device="cpu", prepare_next=False, max_attempts=1,
+                            drift=DriftPolicy(budget=1.0, hold_at=2.0))
+    store.claim_next("m")
+    held = run_job(workspace, job.id, config)
+    retrain = store.retrains("m")[0]
+    assert retrain.state == "queued" and retrain.options["requested_by"] == "drift budget"
+    assert held.state == "queued" and held.attempts == 0 and held.not_before is None
+    assert [s["step"] for s in held.steps] == ["load", "unlearn", "evaluate", "held"]
+    assert held.steps[-1]["retrain"] == retrain.id
+    assert "5.00 ACC_Dtest points below exact v1 (hold level 2.0)" in held.reason
+    assert not workspace.version_dir("m", held.to_version).exists()
+    # The held job let go of its number.
+    assert VersionRegistry(workspace.state_db).reserve("m", "other", version=held.to_version)
+    assert VersionRegistry(workspace.state_db).serving("m").version == 1
+    with TrainingIndex.open(workspace.index_dir) as index:
+        assert not index.is_forgotten("train/d/0000")
+    # The dispatcher starts none of the model's forget jobs while that retrain is on its way, whatever its policy.
+    dispatcher = Dispatcher(workspace, WorkerSettings(poll_s=0.1))
+    assert store.held_for("m") == {retrain.id} and dispatcher._held("m")
+    store.finish(retrain.id, "failed", reason="test: no recipe")
+    assert not dispatcher._held("m")
+    store.claim_next("m")
+    served = run_job(workspace, job.id, config)
+    assert [s["step"] for s in served.steps][4:] == ["load", "unlearn", "evaluate", "save", "package", "register"]
+    assert served.state == "failed" and "no TorchServe config" in served.reason

@@ -43,6 +43,21 @@ def test_recording_the_reserved_number_clears_the_reservation(tmp_path) -> None:
     assert "reserved by" not in str(refused.value)
 
 
+def test_a_holder_whose_number_was_overtaken_gets_one_above_the_newest_version(tmp_path) -> None:
+    """A job held for a retrain reserved v2; the retrain recorded v3 meanwhile. The job's version is v3's child, so
+    it gets v4, and its old reservation no longer blocks v2 for anyone."""
+    workspace = make_workspace(tmp_path)
+    record_fake_version(workspace, "m", 1)
+    registry = VersionRegistry(workspace.state_db)
+    assert registry.reserve("m", "fj-held") == 2
+    assert registry.reserve("m", "rj-retrain") == 3
+    record_fake_version(workspace, "m", 3)
+    assert registry.reserve("m", "fj-held") == 4
+    assert registry.reserve("m", "package", version=2) == 2
+    registry.release("m", "fj-held")  # the job found nothing left to do: v4 is free again
+    assert registry.reserve("m", "other", version=4) == 4
+
+
 def test_reservations_are_per_model(tmp_path) -> None:
     workspace = make_workspace(tmp_path)
     record_fake_version(workspace, "m", 1)

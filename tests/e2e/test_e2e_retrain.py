@@ -246,3 +246,33 @@ def test_a_forget_still_queued_when_a_round_starts_is_covered_by_the_exact_versi
     assert after.state == "succeeded" and after.result.get("nothing_to_do"), after.result
     assert set(samples) <= store.versions.forgotten("m")
     assert_serving(workspace, server, exact.version)
+
+
+def test_a_forget_whose_version_would_pass_the_hold_waits_for_the_retrain_it_queues(served) -> None:
+    """Hold level 0: the job's own version is past it. It queues the due retrain, serves nothing, and waits; the
+    retrain leaves its samples out (the job is queued again by then), so once the exact version serves, the job
+    finds nothing left to unlearn. No version the job made ever existed, and clients saw no failure."""
+    workspace, server = served
+    store = StateStore.open(workspace)
+    infer = InferenceClient(server.config.url("inference"), server.keys().inference)
+    start, _ = store.jobs.submit_retrain("m", {"reason": "test: start from an exact version"})
+    assert run_dispatched(workspace, start.id, timeout=300).state == "succeeded"
+    before = store.versions.require_serving("m")
+    assert before.kind == "exact"
+    forget_id, samples = ask_to_forget(workspace, "owner-d-2")
+    with _Predictions(infer, _image(workspace)) as load:
+        done = run_dispatched(workspace, forget_id, drift=DriftPolicy(max_forgets=1, hold_at=0.0), timeout=400)
+    assert done.state == "succeeded" and done.result.get("nothing_to_do"), (done.reason, done.result)
+    held = [s for s in done.steps if s["step"] == "held"]
+    assert len(held) == 1 and "hold level 0.0" in held[0]["reason"], done.steps
+    waited = store.jobs.get(held[0]["retrain"])
+    assert waited.state == "succeeded" and waited.options["requested_by"] == "drift budget"
+    exact = store.versions.require_serving("m")
+    assert exact.version == waited.to_version and exact.kind == "exact" and exact.parent == before.version
+    assert not set(samples) & store.versions.members("m", exact.version)
+    assert set(samples) <= store.versions.forgotten("m")
+    assert [v.version for v in store.versions.versions("m")][-1] == exact.version  # nothing after it, nothing lost
+    if done.to_version not in (None, exact.version):
+        assert not workspace.version_dir("m", done.to_version).exists()
+    assert_serving(workspace, server, exact.version)
+    assert load.failures == [] and set(load.versions) <= {str(before.version), str(exact.version)}

@@ -224,15 +224,17 @@ class Dispatcher:
                     self.jobs.finish(job.id, "failed", reason=f"the worker process could not be started: {err}")
 
     def _held(self, model: str) -> bool:
-        """Forget jobs of ``model`` wait: its lineage is past the hold level and its retrain is queued or running."""
+        """Forget jobs of ``model`` wait while its retrain is queued or running, when its lineage is past the hold
+        level or one of them was held for that retrain (its version would have passed it, ``JobStore.hold``)."""
         from tmu_core.state.versions import VersionRegistry
 
-        if self.settings.drift.hold_at is None:
+        active = {j.id for j in self.jobs.retrains(model) if j.state in ("queued", "running")}
+        if not active:
             return False
+        if active & self.jobs.held_for(model):
+            return True
         serving = VersionRegistry(self.workspace.state_db).serving(model)
-        if serving is None or not self.settings.drift.holds(serving.metrics.get("drift")):
-            return False
-        return any(j.state in ("queued", "running") for j in self.jobs.retrains(model))
+        return serving is not None and self.settings.drift.holds(serving.metrics.get("drift"))
 
     def _start_resumes(self) -> None:
         now = time.monotonic()

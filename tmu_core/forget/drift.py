@@ -7,6 +7,11 @@ original model, or the latest retrain): ``drift = {"exact_base", "base_acc_test"
 ``budget``, or ``max_forgets`` forget jobs or ``max_age_s`` seconds have passed since the exact version. Then a
 low-priority ``retrain`` job is queued (:mod:`tmu_core.forget.retrain`); a forget job's commit queues it in its
 own transaction, and the dispatcher checks the age limit on a schedule.
+
+Past ``hold_at`` the lineage stops growing while a retrain is queued or running: the dispatcher holds the model's
+forget jobs, and a forget job whose own new version would reach ``hold_at`` does not serve it
+(:func:`retrain_to_wait_for`): it goes back to the queue and runs again on what the retrain swaps in. So no version
+past the hold level is served while a retrain could replace it.
 """
 
 from __future__ import annotations
@@ -90,6 +95,41 @@ class DriftPolicy:
             since = datetime.fromisoformat(drift["exact_since"]).timestamp()
             left["due_at"] = datetime.fromtimestamp(since + self.max_age_s, timezone.utc).isoformat(timespec="seconds")
         return {"policy": self.to_json(), "due": self.due(drift), **left}
+
+
+MAX_HOLDS = 2  # a forget job waits for at most this many retrains, then serves its version regardless
+
+
+class HeldForRetrain(Exception):
+    """A forget job's new version would reach the hold level while a retrain of its model is queued or running:
+    the job waits for that retrain instead of serving the version.
+
+    Attributes:
+        retrain_id: the retrain job it waits for.
+    """
+
+    def __init__(self, retrain_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.retrain_id = retrain_id
+
+
+def retrain_to_wait_for(store: Any, job: Any, drift: dict[str, Any], policy: DriftPolicy) -> HeldForRetrain | None:
+    """Whether forget ``job``, whose new version would carry ``drift``, must wait for a retrain instead of serving it.
+
+    It waits when the version reaches ``policy.hold_at`` and a retrain of the model is queued or running, queued now
+    when the policy says the lineage is due. A lineage whose retrain failed is not retried automatically
+    (:func:`schedule_if_due`), so its jobs serve their versions; a job that already waited ``MAX_HOLDS`` times does
+    too, which bounds how long one request can wait.
+    """
+    if not policy.holds(drift) or sum(s["step"] == "held" for s in job.steps) >= MAX_HOLDS:
+        return None
+    schedule_if_due(store, job.model, drift, policy)
+    active = next((j for j in store.jobs.retrains(job.model) if j.state in ("queued", "running")), None)
+    if active is None:
+        return None
+    return HeldForRetrain(active.id, f"its version would be {drift['cost']:.2f} ACC_Dtest points below exact "
+                                     f"v{drift['exact_base']} (hold level {policy.hold_at}); it waits for retrain "
+                                     f"{active.id} and runs again on the version that retrain serves")
 
 
 def drift_after(source: VersionRecord, acc_test_before: float, acc_test_after: float, samples: int) -> dict[str, Any]:

@@ -5,8 +5,10 @@ prepared artifacts) -> ``unlearn`` -> ``evaluate`` (ACC on D_test and D_f, membe
 (checkpoint v(n+1)) -> ``package`` (.mar + ONNX) -> ``register`` (v(n+1) loaded in TorchServe, not the default)
 -> ``commit`` (one transaction: v(n+1) is the serving version with its membership, the model has forgotten the
 samples, the audit record). A failure before the commit is undone and the job is queued again (or failed after
-its last attempt). After the commit the job only goes forward (:mod:`tmu_core.forget.commit`). Each step passes
-its typed result to the next.
+its last attempt). A version that would pass the drift policy's hold level while a retrain is on its way is not
+served either: the job is undone the same way and waits in the queue for the retrain, without losing an attempt
+(:func:`tmu_core.forget.drift.retrain_to_wait_for`). After the commit the job only goes forward
+(:mod:`tmu_core.forget.commit`). Each step passes its typed result to the next.
 
 Test-only hook: with ``PipelineConfig.kill_at`` (worker flag ``--kill-at STEP``) the worker calls ``os._exit(9)``
 at the start of that step, in the job's first attempt only.
@@ -27,7 +29,7 @@ from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
 from tmu_core.forget.commit import kill_point
-from tmu_core.forget.drift import DriftPolicy, drift_after
+from tmu_core.forget.drift import DriftPolicy, HeldForRetrain, drift_after, retrain_to_wait_for
 from tmu_core.forget.executor import Executor, ExecutorSettings, LocalExecutor, make_executor
 from tmu_core.forget.retry import RetryPolicy
 from tmu_core.service.swap import SwapSettings
@@ -162,7 +164,8 @@ def _load(run: _Run) -> Loaded | None:
     if not forget:
         return None
     target = run.store.versions.reserve(run.job.model, run.job.id)
-    undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
+    for leftover in {target, run.store.jobs.get(run.job.id).to_version} - {None}:  # an earlier attempt's number too
+        undo.remove_version_files(run.workspace, run.store.versions, run.job.model, leftover)
     run.store.jobs.set_fields(run.job.id, from_version=source.version, to_version=target)
     plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
     name, options = run.job.method()
@@ -214,7 +217,8 @@ def _register(run: _Run, loaded: Loaded, package: Any) -> None:
     swap.register(run.workspace, run.job.model, loaded.target, package.archive, run.config.swap)
 
 
-def _result(run: _Run, loaded: Loaded, unlearned: Unlearned, metrics: Any, package: Any) -> dict[str, Any]:
+def _result(run: _Run, loaded: Loaded, unlearned: Unlearned, metrics: Any, package: Any,
+            drift: dict[str, Any]) -> dict[str, Any]:
     """The job's report (JSON-ready): what was forgotten, how well, and what each step cost."""
     from tmu_core.forget.report import metrics_dict
 
@@ -225,9 +229,11 @@ def _result(run: _Run, loaded: Loaded, unlearned: Unlearned, metrics: Any, packa
     loads = [s["at"] for s in job.steps if s["step"] == "load"]
     worker_start = (datetime.fromisoformat(loads[-1]) - claimed).total_seconds() if loads else 0.0
     timings = {"queue_wait": round(queued, 3), "worker_start": round(max(worker_start, 0.0), 3), **run.timings}
-    drift = drift_after(loaded.source, metrics.acc_test_before, metrics.acc_test_after, len(loaded.forget_ids))
     forgetting = {"kind": "approximate", "method": loaded.method.name, "exact_base": drift["exact_base"],
                   "drift": drift, "retrain": run.config.drift.outlook(drift)}
+    held = [s["retrain"] for s in job.steps if s["step"] == "held"]
+    if held:
+        forgetting["waited_for"] = held
     return {
         "job_id": job.id, "model": job.model, "from_version": loaded.source.version, "to_version": loaded.target,
         "request_ids": run.request_ids, "forget_request": job.request_id, "method": loaded.method.name,
@@ -246,17 +252,21 @@ def _run_to_commit(run: _Run) -> bool:
         return False
     unlearned = run.step("unlearn", lambda: _unlearn(run, loaded))
     metrics = run.step("evaluate", lambda: _evaluate(run, loaded, unlearned))
+    drift = drift_after(loaded.source, metrics.acc_test_before, metrics.acc_test_after, len(loaded.forget_ids))
+    held = retrain_to_wait_for(run.store, run.store.jobs.get(run.job.id), drift, run.config.drift)
+    if held is not None:
+        raise held
     saved = run.step("save", lambda: _save(run, loaded, unlearned))
     # The next version's artifacts are prepared while this one is packaged, registered and committed.
     run.ahead = run.executor.prepare_ahead(run, loaded, unlearned, saved) if run.config.prepare_next else None
     try:
         package = run.step("package", lambda: _package(run, loaded, saved))
         run.step("register", lambda: _register(run, loaded, package))
-        result = _result(run, loaded, unlearned, metrics, package)
+        result = _result(run, loaded, unlearned, metrics, package, drift)
         plan = commit.CommitPlan(model=run.job.model, source=loaded.source.version, target=loaded.target,
                                  archive=package.archive, checkpoint=saved.checkpoint, onnx=package.onnx,
                                  members=loaded.retain_ids, forgotten=tuple(run.ids),
-                                 request_ids=tuple(run.request_ids), drift=result["forgetting"]["drift"],
+                                 request_ids=tuple(run.request_ids), drift=drift,
                                  drift_policy=run.config.drift)
         run.step("commit", lambda: commit.commit_job(run.store, run.store.jobs.get(run.job.id), plan, result,
                                                      run.config.retry))
@@ -340,6 +350,10 @@ def _attempt(run: _Run, to_commit: Callable[[], bool] | None = None) -> bool | N
     again (None). True when committed, False when there was nothing to do."""
     try:
         return to_commit() if to_commit is not None else _run_to_commit(run)
+    except HeldForRetrain as held:
+        logger.info("job=%s held: %s", run.job.id, held)
+        undo.hold_for_retrain(run.workspace, run.store.jobs.get(run.job.id), held, run.config.swap)
+        return None
     except Exception as err:
         job = run.store.jobs.get(run.job.id)
         if commit.is_committed(run.store, job):  # the commit landed, then something raised: only forward

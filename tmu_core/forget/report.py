@@ -182,6 +182,8 @@ def forgetting_line(forgetting: dict[str, Any]) -> str:
     drift, retrain = forgetting.get("drift") or {}, forgetting.get("retrain") or {}
     line = (f"forgetting: approximate ({forgetting.get('method')}), {drift.get('forgets')} forget job(s) and "
             f"{drift.get('cost', 0):+.2f} ACC_Dtest points since exact v{forgetting.get('exact_base')}")
+    if forgetting.get("waited_for"):
+        line += f" (waited for retrain {', '.join(forgetting['waited_for'])} past the hold level)"
     scheduled = retrain.get("scheduled")
     if scheduled and scheduled.get("queued"):
         return line + f"; exact retrain {scheduled['job_id']} queued now: {scheduled['reason']}"

@@ -11,6 +11,7 @@ import logging
 import shutil
 
 from tmu_core.config import Workspace
+from tmu_core.forget.drift import HeldForRetrain
 from tmu_core.state.jobs import Job, JobStore
 from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.swap import SwapSettings
@@ -81,6 +82,17 @@ def fail_or_requeue(workspace: Workspace, job: Job, reason: str, settings: SwapS
         jobs.requeue(job.id, reason, min(REQUEUE_MAX_S, REQUEUE_FIRST_S * 2 ** job.attempts))
     else:
         jobs.finish(job.id, "failed", reason=f"{reason} (attempt {job.attempts + 1} of {max_attempts}, the last)")
+
+
+def hold_for_retrain(workspace: Workspace, job: Job, held: HeldForRetrain, settings: SwapSettings) -> None:
+    """Undo what ``job`` changed before its commit and queue it again behind the retrain it waits for, without
+    counting an attempt."""
+    try:
+        undo_uncommitted(workspace, job, settings)
+    except Exception:  # nothing was registered before the hold; the next attempt removes leftovers first
+        logger.exception("undo of held job=%s failed", job.id)
+    VersionRegistry(workspace.state_db).release(job.model, job.id)  # its version comes after the retrain's
+    JobStore(workspace.state_db).hold(job.id, held.retrain_id, str(held))
 
 
 def fail_job(workspace: Workspace, job: Job, reason: str, settings: SwapSettings) -> None:

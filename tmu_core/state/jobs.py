@@ -375,6 +375,28 @@ class JobStore:
                          (dumps(steps), row["attempts"] + 1, later, job_id))
         logger.warning("job=%s requeued (attempt %d) in %.0fs: %s", job_id, row["attempts"] + 2, delay_s, reason)
 
+    def hold(self, job_id: str, retrain_id: str, reason: str) -> None:
+        """Put a job back in the queue behind retrain ``retrain_id`` (the dispatcher starts none of the model's
+        forget jobs until that retrain is done); unlike :meth:`requeue` it costs no attempt."""
+        with write_tx(self.path) as conn:
+            row = conn.execute("SELECT steps FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job with id {job_id!r}")
+            steps = json.loads(row["steps"]) + [{"step": "held", "at": utc_now(), "retrain": retrain_id,
+                                                 "reason": reason}]
+            self._set(conn, job_id, state="queued", step=None, progress=0.0, reason=reason, started_at=None)
+            conn.execute("UPDATE jobs SET steps=?, not_before=NULL, worker_pid=NULL WHERE id=?",
+                         (dumps(steps), job_id))
+        logger.info("job=%s waits for retrain %s: %s", job_id, retrain_id, reason)
+
+    def held_for(self, model: str) -> set[str]:
+        """The retrain jobs that queued forget jobs of ``model`` wait for (:meth:`hold`)."""
+        with read_conn(self.path) as conn:
+            rows = conn.execute("SELECT steps FROM jobs WHERE model=? AND kind='forget' AND state='queued' "
+                                "AND merged_into IS NULL", (model,)).fetchall()
+        last = [json.loads(r["steps"])[-1:] for r in rows]
+        return {s[0]["retrain"] for s in last if s and s[0]["step"] == "held"}
+
     def finish(self, job_id: str, state: str, reason: str | None = None, result: dict[str, Any] | None = None,
                *, conn: sqlite3.Connection | None = None) -> None:
         """Mark a job (and the jobs merged into it) ``succeeded`` or ``failed``.

@@ -277,7 +277,9 @@ class VersionRegistry:
     def reserve(self, model: str, holder: str, version: int | None = None) -> int:
         """Reserve a version number for ``holder`` (a job id, or ``package``): the next free one, or ``version``.
 
-        A holder that already reserved a number for ``model`` that is still unrecorded gets the same one back.
+        A holder that already reserved a number for ``model`` that is still unrecorded gets the same one back, unless
+        a higher version was recorded since (a retrain landed while a held job waited): then its old number is let go
+        and it gets the next free one, so a version's number is always above its parent's.
 
         Raises:
             ConflictError: ``version`` is recorded or reserved by another holder.
@@ -286,8 +288,11 @@ class VersionRegistry:
             if version is None:
                 mine = conn.execute("SELECT version FROM reservations WHERE model=? AND holder=? ORDER BY version "
                                     "DESC LIMIT 1", (model, holder)).fetchone()
-                if mine is not None:
+                newest = conn.execute("SELECT MAX(version) FROM versions WHERE model=?", (model,)).fetchone()[0]
+                if mine is not None and (newest is None or mine[0] > newest):
                     return int(mine[0])
+                if mine is not None:
+                    conn.execute("DELETE FROM reservations WHERE model=? AND holder=?", (model, holder))
                 version = _next(conn, model)
             taken = conn.execute("SELECT holder FROM reservations WHERE model=? AND version=?",
                                  (model, version)).fetchone()
@@ -298,6 +303,11 @@ class VersionRegistry:
                                     f"is {_next(conn, model)}")
             conn.execute("INSERT OR IGNORE INTO reservations VALUES (?,?,?,?)", (model, version, holder, utc_now()))
         return version
+
+    def release(self, model: str, holder: str) -> None:
+        """Let go of the numbers ``holder`` reserved for ``model`` and never recorded (a job that serves nothing)."""
+        with write_tx(self.path) as conn:
+            conn.execute("DELETE FROM reservations WHERE model=? AND holder=?", (model, holder))
 
     def members(self, model: str, version: int) -> set[str] | None:
         """The sample ids ``version`` was trained on (None when its membership was never recorded)."""
