@@ -164,8 +164,7 @@ def _load(run: _Run) -> Loaded | None:
     if not forget:
         return None
     target = run.store.versions.reserve(run.job.model, run.job.id)
-    for leftover in {target, run.store.jobs.get(run.job.id).to_version} - {None}:  # an earlier attempt's number too
-        undo.remove_version_files(run.workspace, run.store.versions, run.job.model, leftover)
+    undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
     run.store.jobs.set_fields(run.job.id, from_version=source.version, to_version=target)
     plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
     name, options = run.job.method()
