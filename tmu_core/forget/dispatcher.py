@@ -228,10 +228,10 @@ class Dispatcher:
         level or one of them was held for that retrain (its version would have passed it, ``JobStore.hold``)."""
         from tmu_core.state.versions import VersionRegistry
 
-        active = {j.id for j in self.jobs.retrains(model) if j.state in ("queued", "running")}
-        if not active:
+        active = self.jobs.active_retrain(model)
+        if active is None:
             return False
-        if active & self.jobs.held_for(model):
+        if active.id in self.jobs.held_for(model):
             return True
         serving = VersionRegistry(self.workspace.state_db).serving(model)
         return serving is not None and self.settings.drift.holds(serving.metrics.get("drift"))

@@ -124,7 +124,7 @@ def retrain_to_wait_for(store: Any, job: Any, drift: dict[str, Any], policy: Dri
     if not policy.holds(drift) or sum(s["step"] == "held" for s in job.steps) >= MAX_HOLDS:
         return None
     schedule_if_due(store, job.model, drift, policy)
-    active = next((j for j in store.jobs.retrains(job.model) if j.state in ("queued", "running")), None)
+    active = store.jobs.active_retrain(job.model)
     if active is None:
         return None
     return HeldForRetrain(active.id, f"its version would be {drift['cost']:.2f} ACC_Dtest points below exact "

@@ -365,29 +365,31 @@ class JobStore:
         from datetime import datetime, timedelta, timezone
 
         later = (datetime.now(timezone.utc) + timedelta(seconds=delay_s)).isoformat(timespec="microseconds")
-        with write_tx(self.path) as conn:
-            row = conn.execute("SELECT steps, attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no job with id {job_id!r}")
-            steps = json.loads(row["steps"]) + [{"step": "requeued", "at": utc_now(), "reason": reason}]
-            self._set(conn, job_id, state="queued", step=None, progress=0.0, reason=reason, started_at=None)
-            conn.execute("UPDATE jobs SET steps=?, attempts=?, not_before=?, worker_pid=NULL WHERE id=?",
-                         (dumps(steps), row["attempts"] + 1, later, job_id))
-        logger.warning("job=%s requeued (attempt %d) in %.0fs: %s", job_id, row["attempts"] + 2, delay_s, reason)
+        attempts = self._back_to_queue(job_id, {"step": "requeued", "reason": reason}, reason, 1, later)
+        logger.warning("job=%s requeued (attempt %d) in %.0fs: %s", job_id, attempts + 1, delay_s, reason)
 
     def hold(self, job_id: str, retrain_id: str, reason: str) -> None:
         """Put a job back in the queue behind retrain ``retrain_id`` (the dispatcher starts none of the model's
         forget jobs until that retrain is done); unlike :meth:`requeue` it costs no attempt."""
+        self._back_to_queue(job_id, {"step": "held", "retrain": retrain_id, "reason": reason}, reason, 0, None)
+        logger.info("job=%s waits for retrain %s: %s", job_id, retrain_id, reason)
+
+    def _back_to_queue(self, job_id: str, record: dict[str, Any], reason: str, attempts: int,
+                       not_before: str | None) -> int:
+        """Queue a job again with ``record`` added to its steps; returns its attempts now."""
         with write_tx(self.path) as conn:
-            row = conn.execute("SELECT steps FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = conn.execute("SELECT steps, attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job with id {job_id!r}")
-            steps = json.loads(row["steps"]) + [{"step": "held", "at": utc_now(), "retrain": retrain_id,
-                                                 "reason": reason}]
+            steps = json.loads(row["steps"]) + [{**record, "at": utc_now()}]
             self._set(conn, job_id, state="queued", step=None, progress=0.0, reason=reason, started_at=None)
-            conn.execute("UPDATE jobs SET steps=?, not_before=NULL, worker_pid=NULL WHERE id=?",
-                         (dumps(steps), job_id))
-        logger.info("job=%s waits for retrain %s: %s", job_id, retrain_id, reason)
+            conn.execute("UPDATE jobs SET steps=?, attempts=?, not_before=?, worker_pid=NULL WHERE id=?",
+                         (dumps(steps), row["attempts"] + attempts, not_before, job_id))
+        return row["attempts"] + attempts
+
+    def active_retrain(self, model: str) -> Job | None:
+        """``model``'s queued or running retrain job, if any."""
+        return next((j for j in self.retrains(model) if j.state in ("queued", "running")), None)
 
     def held_for(self, model: str) -> set[str]:
         """The retrain jobs that queued forget jobs of ``model`` wait for (:meth:`hold`)."""
