@@ -166,6 +166,7 @@ def test_cli_prints_the_table(run, tmp_path, cache_dir):
         (["--forget-shape", "random", "--forget-fraction", "1.5"], "forget_fraction must be a number in (0, 1)"),
         (["--forget-shape", "random", "--forget-fraction", "0.0001"], "accepted: a fraction that gives 1.."),
         (["--forget-shape", "owner", "--owners", "300", "--experiments", "5"], "accepted: owners x experiments"),
+        (["--wide-test"], "the digits-tiny protocol reads digits, whose index holds every test image already"),
     ],
 )
 def test_cli_rejects_bad_options(args, message, tmp_path, cache_dir):
@@ -306,3 +307,47 @@ def test_protocol_and_customize_check_the_forget_shape():
         customize(base, forget_shape="owner", classes=[1])
     with pytest.raises(InvalidInputError, match="--forget-fraction applies to the random forget shape"):
         customize(replace(base, forget_shape="owner"), forget_fraction=0.1)
+
+
+def test_the_wide_test_set_scores_every_row_on_the_zips_other_test_images(tmp_path):
+    """``wide_test``: each row's accuracy on every test image of the zip but the twin part, read from its own
+    cached index; checked against the original model scored by hand on those images."""
+    from test_index_support import zip_tree
+    from test_service_support import write_tree
+
+    from tmu_core.evaluate.cache import open_wide_index
+    from tmu_core.evaluate.protocols import DataSource
+    from tmu_core.evaluate.splits import split_test
+    from tmu_core.train import predict_logits
+
+    write_tree(tmp_path / "tree", train=10, test=12)  # 4 classes of 16 px images
+    data = zip_tree(tmp_path / "tree", tmp_path / "data.zip")
+    source = DataSource("cifar10-zip", str(data), train_per_class=10, test_per_class=4)
+    protocol = replace(_tiny_protocol(), name="zip-tiny", source=source, forget_classes=(1,), forget_size=3,
+                       methods=(MethodSpec("finetune", "finetune", {"epochs": 1}),), wide_test=True)
+    cache = tmp_path / "cache"
+    result = run_protocol(protocol, tmp_path / "out", CPU, cache_dir=cache, progress=False)
+
+    index = open_index(source, cache)
+    try:
+        twin = set(split_test(index, protocol.twin_fraction, protocol.split_seed).twin_ids)
+    finally:
+        index.close()
+    with open_wide_index(source, cache) as wide:
+        ids = [sample for sample in wide.ids("test") if sample not in twin]
+        images, labels = wide.load(ids), torch.as_tensor(wide.labels(ids))
+    assert len(ids) == 4 * 12 - len(twin) == result.splits.wide == 40
+    model, _ = load_checkpoint(result.originals[0].checkpoint, CPU)
+    by_hand = 100.0 * (predict_logits(model, images, CPU, 64).argmax(1) == labels).float().mean().item()
+    rows = {row.method: row for row in result.rows}
+    assert rows["original"].acc_wide == pytest.approx(by_hand)
+    assert all(row.acc_wide is not None for row in result.rows + result.means)
+    table = (tmp_path / "out" / "results.txt").read_text()
+    assert "ACC_wide" in table and "40 test images of the zip" in table
+    with open(tmp_path / "out" / "results.csv") as handle:
+        assert all(line["acc_wide"] for line in csv.DictReader(handle))
+
+
+def test_the_wide_test_set_needs_a_zip_source():
+    with pytest.raises(InvalidInputError, match="wide_test scores the rest of a CIFAR-10 zip"):
+        replace(_tiny_protocol(), wide_test=True)

@@ -256,7 +256,7 @@ def test_the_table_json_and_csv_carry_lira(lira_run):
     assert data["rows"][0]["lira_auc"] == pytest.approx(result.rows[0].lira_auc)
     assert data["originals"][0]["shadows"]["count"] == 4
     header = (out / "results.csv").read_text().splitlines()[0]
-    assert header.endswith("lira_auc,lira_tpr1,lira_tpr5,lira_gap")
+    assert header.endswith("lira_auc,lira_tpr1,lira_tpr5,lira_gap,acc_wide")
 
 
 def test_a_rerun_through_the_cli_reads_the_shadows_from_the_cache(lira_run, tmp_path, caplog):

@@ -3,6 +3,7 @@
 Layout under the cache folder::
 
     index/<source key>/            a training index built from the protocol's data source
+    index/<source key>-wide/       every test image of a zip source (``wide_test``), one training image a class
     models/<model key>.pt          checkpoint of a trained original / gold / floor model
     models/<model key>.json        how long it took to train and its training history
 
@@ -78,6 +79,25 @@ def open_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
         raise InvalidInputError(f"data file {source.path} does not exist; pass --data with the CIFAR-10 zip path")
     return ingest_zip(source.path, dest, train_per_class=source.train_per_class,
                       test_per_class=source.test_per_class, overwrite=True)
+
+
+def open_wide_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
+    """Open (building it first when missing) an index of every test image of ``source``'s zip, with the ids
+    ``"test/<class>/<stem>"`` of the protocol's own index, so that its twin part can be left out by id.
+
+    Raises:
+        InvalidInputError: the source is not a zip, or the zip cannot be read.
+    """
+    if source.kind != "cifar10-zip" or source.path is None or not Path(source.path).is_file():
+        raise InvalidInputError(f"the wide test set needs the CIFAR-10 zip of a cifar10-zip source; got {source.kind} "
+                                f"at {source.path}")
+    dest = cache_dir / "index" / f"{source.key()}-wide"
+    try:
+        return TrainingIndex.open(dest)
+    except CheckpointError:
+        logger.info("building the wide test index at %s", dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return ingest_zip(source.path, dest, train_per_class=1, overwrite=True)
 
 
 def model_key(arch: str, cfg: TrainConfig, source: DataSource, fingerprint: str) -> str:

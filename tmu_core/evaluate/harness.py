@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tmu_core.evaluate.cache import TrainedModel, open_index, trained_model
+from tmu_core.evaluate.cache import TrainedModel, open_index, open_wide_index, trained_model
 from tmu_core.evaluate.lira import ShadowStats, fit_shadow_stats, shadow_membership, shadow_seeds
 from tmu_core.evaluate.metrics import accuracy
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
@@ -270,9 +270,20 @@ def _run_seed(run: _Run, seed: int) -> tuple[OriginalSummary, list[MethodResult]
     return summary, rows
 
 
-def _tensors(source: MemorySource, split: TestSplit) -> EvalTensors:
+def _tensors(source: MemorySource, split: TestSplit, wide: tuple[torch.Tensor, torch.Tensor] | None) -> EvalTensors:
     train_ids = tuple(source.ids("train"))
-    return EvalTensors(train_ids, split.eval_ids, source.labels(train_ids), source.labels(split.eval_ids))
+    return EvalTensors(train_ids, split.eval_ids, source.labels(train_ids), source.labels(split.eval_ids),
+                       *(wide or (None, None)))
+
+
+def _wide_set(protocol: Protocol, cache_dir: Path, split: TestSplit, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of every test image of the zip but the twin part, read as the protocol's models read."""
+    preprocess = protocol.source.preprocess(channels)
+    with open_wide_index(protocol.source, cache_dir) as wide:
+        twin = set(split.twin_ids)
+        ids = [sample for sample in wide.ids("test") if sample not in twin]
+        reader = wide if preprocess is None else wide.view(preprocess)
+        return reader.load(ids), torch.as_tensor(wide.labels(ids), dtype=torch.long).cpu()
 
 
 def _draws(protocol: Protocol, index: Any, seed: int) -> tuple[ForgetDraw, ...]:
@@ -306,14 +317,24 @@ def open_run(protocol: Protocol, cache_dir: Path, device: torch.device,
     try:
         seed_draws = {seed: draws(index, seed) for seed in protocol.seeds}
         split = split_test(index, protocol.twin_fraction, protocol.split_seed)
-        preprocess = protocol.source.preprocess(index.image_shape[0] if index.image_shape else 3)
+        channels = index.image_shape[0] if index.image_shape else 3
+        preprocess = protocol.source.preprocess(channels)
         reader = index if preprocess is None else index.view(preprocess)
         source = MemorySource(reader, [*index.ids("train"), *split.twin_ids, *split.eval_ids])
+        wide = _wide_set(protocol, cache_dir, split, channels) if protocol.wide_test else None
         with tqdm(total=steps, disable=not progress, unit="step") as bar:
-            yield _Run(protocol, source, split, seed_draws, _tensors(source, split), device, cache_dir, workdir, bar)
+            yield _Run(protocol, source, split, seed_draws, _tensors(source, split, wide), device, cache_dir, workdir,
+                       bar)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         index.close()
+
+
+def split_summary(run: _Run, forget: int) -> SplitSummary:
+    """The sizes of a run's splits, with ``forget`` the size of its forget sets."""
+    wide = run.tensors.wide_labels
+    return SplitSummary(len(run.tensors.train_ids), len(run.split.twin_ids), len(run.split.eval_ids), forget,
+                        0 if wide is None else int(wide.numel()))
 
 
 def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_dir: Path | None = None,
@@ -342,8 +363,7 @@ def run_protocol(protocol: Protocol, out_dir: Path, device: torch.device, cache_
     result = ProtocolResult(
         protocol=protocol.to_dict(),
         device=str(device),
-        splits=SplitSummary(len(run.tensors.train_ids), len(run.split.twin_ids), len(run.split.eval_ids),
-                            _forget_size(run.draws)),
+        splits=split_summary(run, _forget_size(run.draws)),
         originals=tuple(summary for summary, _ in results),
         rows=rows,
         means=mean_rows(rows),

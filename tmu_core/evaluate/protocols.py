@@ -138,6 +138,10 @@ class Protocol:
         mia: membership test: ``population`` (the loss-threshold attack alone) or ``lira`` (that attack and the
             per-example LiRA test against shadow models: AUC and TPR at 1% and 5% FPR on every row).
         lira_shadows: shadow models per seed for ``lira``: an even number >= 4 (complementary pairs).
+        wide_test: also score every row's ACC on all of the zip's test images except the twin part
+            (``acc_wide``; ``cifar10-zip`` sources only): about 9,500 unseen images for CIFAR-10, where the eval
+            split of ``test_per_class`` images a class gives a gap of 2 points between two models a few points
+            of sampling noise.
         floor_seed_offset: the floor gold uses seed ``seed + floor_seed_offset``.
         eval_batch_size: batch size of inference.
     """
@@ -161,6 +165,7 @@ class Protocol:
     eval_batch_size: int = 512
     mia: str = "population"
     lira_shadows: int = 8
+    wide_test: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "forget_classes", tuple(self.forget_classes))
@@ -179,6 +184,9 @@ class Protocol:
         if self.mia not in MIA_KINDS:
             raise InvalidInputError(f"unknown membership test mia={self.mia!r}; accepted: {', '.join(MIA_KINDS)}")
         check_shadow_count(self.lira_shadows)
+        if self.wide_test and self.source.kind != "cifar10-zip":
+            raise InvalidInputError(f"wide_test scores the rest of a CIFAR-10 zip's test split; the {self.name} "
+                                    f"protocol reads {self.source.kind}, whose index holds every test image already")
         _check_methods(self.methods)
         from tmu_core.models import build_model
 
@@ -388,6 +396,7 @@ def customize(
     experiments: int | None = None,
     mia: str | None = None,
     lira_shadows: int | None = None,
+    wide_test: bool | None = None,
 ) -> Protocol:
     """A copy of ``protocol`` with some choices replaced (the CLI's overrides).
 
@@ -408,6 +417,7 @@ def customize(
         experiments: forget sets per seed for the ``random`` and ``owner`` shapes.
         mia: the membership test, ``population`` or ``lira``.
         lira_shadows: shadow models per seed of the ``lira`` test.
+        wide_test: also score ACC on the rest of the zip's test split (see :class:`Protocol`).
 
     Raises:
         InvalidInputError: any value the protocol rejects, ablations asked for without ``tmu``, an option
@@ -444,6 +454,8 @@ def customize(
                      "experiments": experiments}
     changes.update({name: value for name, value in shape_options.items() if value is not None})
     changes.update(_mia_changes(protocol, mia, lira_shadows))
+    if wide_test is not None:
+        changes["wide_test"] = wide_test
     return replace(protocol, **changes)
 
 

@@ -19,21 +19,23 @@ logger = logging.getLogger(__name__)
 CSV_COLUMNS = (
     "method", "kind", "forget_class", "class_name", "seed", "acc_dtest", "acc_df", "delta", "ad",
     "asr", "gold_asr", "acc_dr", "acc_gl", "seconds", "prepare_seconds", "runs",
-    "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap",
+    "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap", "acc_wide",
 )
 _HEADER = (
     f"{'method':<26}{'ACC_Dtest':>10}{'ACC_Df':>8}{'Delta':>7}{'AD':>7}{'ASR':>7}{'ASRgold':>8}"
     f"{'ACC_Dr':>8}{'ACC_gl':>8}{'seconds':>9}{'prep_s':>8}"
 )
 _LIRA_HEADER = f"{'LiRA':>7}{'LiRAgap':>8}"
+_WIDE_HEADER = f"{'ACC_wide':>9}"
 
 
 def _opt(value: float | None, width: int, digits: int = 1) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def format_row(row: MethodResult, lira: bool = False) -> str:
-    """One fixed-width table line for a row; ``lira`` adds its LiRA AUC and gap to the gold's AUC."""
+def format_row(row: MethodResult, lira: bool = False, wide: bool = False) -> str:
+    """One fixed-width table line for a row; ``lira`` adds its LiRA AUC and gap to the gold's AUC, ``wide`` its
+    accuracy on the wide test set."""
     line = (
         f"{row.method:<26}{row.acc_dtest:>10.2f}{row.acc_df:>8.1f}{row.delta:>7.1f}{row.ad:>7.3f}"
         f"{row.asr:>7.1f}{row.gold_asr:>8.1f}{row.acc_dr:>8.1f}{_opt(row.acc_gl, 8)}"
@@ -41,6 +43,8 @@ def format_row(row: MethodResult, lira: bool = False) -> str:
     )
     if lira:
         line += f"{_opt(row.lira_auc, 7, 3)}{_opt(row.lira_gap, 8, 3)}"
+    if wide:
+        line += _opt(row.acc_wide, 9, 2)
     return line
 
 
@@ -49,9 +53,14 @@ def _uses_lira(result: ProtocolResult) -> bool:
     return result.protocol.get("mia", "population") == "lira"
 
 
-def _section(title: str, rows: Sequence[MethodResult], lira: bool) -> list[str]:
-    header = _HEADER + _LIRA_HEADER if lira else _HEADER
-    return [title, header, *(format_row(row, lira) for row in rows), ""]
+def _uses_wide(result: ProtocolResult) -> bool:
+    """Whether the run scored the wide test set."""
+    return bool(result.protocol.get("wide_test", False))
+
+
+def _section(title: str, rows: Sequence[MethodResult], lira: bool, wide: bool) -> list[str]:
+    header = _HEADER + (_LIRA_HEADER if lira else "") + (_WIDE_HEADER if wide else "")
+    return [title, header, *(format_row(row, lira, wide) for row in rows), ""]
 
 
 def _lira_lines(result: ProtocolResult) -> list[str]:
@@ -98,6 +107,8 @@ def _preamble(result: ProtocolResult) -> list[str]:
         f"device {result.device}, wall {result.wall_seconds:.0f} s",
         f"splits: train {splits.train}; test split into twin {splits.twin} (only TMU's twin problem sees it) and "
         f"eval {splits.eval} (never seen by any method)",
+        *([f"ACC_wide = accuracy on the {splits.wide} test images of the zip outside the twin part (the eval split "
+           "among them): the same comparison with far less sampling noise"] if _uses_wide(result) else []),
         "ACC_Dtest = accuracy on the eval split; ASR = loss-threshold attack on D_f, threshold = "
         f"{proto['mia_alpha']:.2f}-quantile of the model's own losses on the eval split; ASRgold = same attack on the gold",
         "ACC_Df on the forget set; ACC_Dr on the retained training set; Delta = |ACC_Df - gold ACC_Df|; "
@@ -144,11 +155,11 @@ def format_table(result: ProtocolResult) -> str:
     Returns:
         Multi-line text, ready to print.
     """
-    lines, lira = _preamble(result), _uses_lira(result)
+    lines, lira, wide = _preamble(result), _uses_lira(result), _uses_wide(result)
     sections = _experiments(result.rows)
     for (seed, forget_class, name), rows in sections.items():
-        lines += _section(_section_title(forget_class, name, seed, rows), rows, lira)
-    lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means), lira)
+        lines += _section(_section_title(forget_class, name, seed, rows), rows, lira, wide)
+    lines += _section(f"mean over {len(sections)} forget set(s)", list(result.means), lira, wide)
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ class MethodResult:
         lira_tpr1: that test's true-positive rate (%) at 1% false-positive rate (coarse on a few hundred samples).
         lira_tpr5: its true-positive rate (%) at 5% false-positive rate.
         lira_gap: ``|lira_auc - gold lira_auc|`` on the same forget set (0 on the gold row).
+        acc_wide: accuracy (%) on every test image of the source but the twin part (``wide_test``), else None.
         runs: how many (seed, experiment) rows a mean row averages; 1 otherwise.
         details: what the method reported about itself (JSON-compatible).
     """
@@ -60,6 +61,7 @@ class MethodResult:
     lira_tpr1: float | None = None
     lira_tpr5: float | None = None
     lira_gap: float | None = None
+    acc_wide: float | None = None
     runs: int = 1
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -106,12 +108,14 @@ class OriginalSummary:
 
 @dataclass(frozen=True)
 class SplitSummary:
-    """Sizes of the splits a run used (the forget set size is per experiment, averaged where sizes differ)."""
+    """Sizes of the splits a run used (the forget set size is per experiment, averaged where sizes differ; ``wide``
+    is the ``wide_test`` set's, 0 without it)."""
 
     train: int
     twin: int
     eval: int
     forget: int
+    wide: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class ProtocolResult:
 
 _AVERAGED = ("acc_dtest", "acc_df", "delta", "ad", "asr", "gold_asr", "acc_dr", "seconds")
 # Averaged over the rows that have them; None when none has.
-_AVERAGED_OPTIONAL = ("acc_gl", "prepare_seconds", "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap")
+_AVERAGED_OPTIONAL = ("acc_gl", "prepare_seconds", "lira_auc", "lira_tpr1", "lira_tpr5", "lira_gap", "acc_wide")
 
 
 def _mean(values: Sequence[float]) -> float:

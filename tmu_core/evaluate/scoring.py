@@ -83,20 +83,25 @@ class MemorySource:
 
 @dataclass(frozen=True)
 class EvalTensors:
-    """Labels of the training set and of the eval split, in the order the logits are computed."""
+    """Labels of the training set and of the eval split, in the order the logits are computed; with
+    ``wide_test``, the images and labels of the wide test set too."""
 
     train_ids: tuple[str, ...]
     eval_ids: tuple[str, ...]
     train_labels: torch.Tensor
     eval_labels: torch.Tensor
+    wide_images: torch.Tensor | None = None
+    wide_labels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """A model's logits on the whole training set and on the eval split (CPU tensors)."""
+    """A model's logits on the whole training set and on the eval split (CPU tensors), and its accuracy (%) on
+    the wide test set when there is one."""
 
     train_logits: torch.Tensor
     eval_logits: torch.Tensor
+    acc_wide: float | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class Scores:
     forget_correct: torch.Tensor
     details: Mapping[str, Any] = field(default_factory=dict)
     lira: LiraResult | None = None
+    acc_wide: float | None = None
 
 
 def make_forget_set(tensors: EvalTensors, seed: int, forget_class: int | None, class_name: str,
@@ -169,10 +175,13 @@ def make_forget_set(tensors: EvalTensors, seed: int, forget_class: int | None, c
 
 def model_outputs(model: nn.Module, source: MemorySource, tensors: EvalTensors, device: torch.device,
                   batch_size: int) -> Outputs:
-    """Run ``model`` once over the training set and the eval split."""
+    """Run ``model`` once over the training set and the eval split (and the wide test set, when there is one)."""
     train_logits = predict_logits(model, source.load(tensors.train_ids), device, batch_size)
     eval_logits = predict_logits(model, source.load(tensors.eval_ids), device, batch_size)
-    return Outputs(train_logits, eval_logits)
+    acc_wide = None
+    if tensors.wide_images is not None and tensors.wide_labels is not None:
+        acc_wide = accuracy(predict_logits(model, tensors.wide_images, device, batch_size), tensors.wide_labels)
+    return Outputs(train_logits, eval_logits, acc_wide)
 
 
 def population_confidence(outputs: Outputs, tensors: EvalTensors) -> torch.Tensor:
@@ -234,6 +243,7 @@ def score(outputs: Outputs, tensors: EvalTensors, forget_set: ForgetSet, alpha: 
         details={"mia_threshold": attack.threshold, "mia_false_positive_rate": attack.false_positive_rate,
                  "non_finite_outputs": non_finite},
         lira=lira_score(outputs, tensors, forget_set.lira) if forget_set.lira is not None else None,
+        acc_wide=outputs.acc_wide,
     )
 
 
@@ -285,5 +295,6 @@ def make_row(info: RowInfo, scores: Scores, gold: Scores, forget_set: ForgetSet)
         seconds=info.seconds,
         prepare_seconds=info.prepare_seconds,
         **_lira_fields(scores, gold),
+        acc_wide=scores.acc_wide,
         details={**forget_set.details, **scores.details, **info.details},
     )

@@ -41,11 +41,12 @@ from tmu_core.evaluate.harness import (
     _train,
     _with_lira,
     open_run,
+    split_summary,
 )
 from tmu_core.evaluate.lira import ShadowStats
 from tmu_core.evaluate.protocols import MethodSpec, Protocol
 from tmu_core.evaluate.report import format_table, write_outputs
-from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, SplitSummary, mean_rows
+from tmu_core.evaluate.results import MethodResult, OriginalSummary, ProtocolResult, mean_rows
 from tmu_core.evaluate.scoring import ForgetSet, RowInfo, Scores, hard_mask, make_forget_set, make_row, score
 from tmu_core.evaluate.splits import ForgetDraw
 from tmu_core.unlearn import UnlearnData, get_method
@@ -204,7 +205,7 @@ def run_sequential(protocol: Protocol, requests: int, out_dir: Path, device: tor
     result = ProtocolResult(
         protocol={**protocol.to_dict(), "sequential": requests, "floor_every": floor_every},
         device=str(device),
-        splits=SplitSummary(len(run.tensors.train_ids), len(run.split.twin_ids), len(run.split.eval_ids), last),
+        splits=split_summary(run, last),
         originals=tuple(summary for summary, _ in results),
         rows=rows,
         means=mean_rows(rows),
