@@ -229,8 +229,20 @@ def test_expected_rule_keeps_the_expected_easy_count_and_picks_the_most_probable
     assert int(easy.sum()) == round(probability.sum().item()) == 7
     assert probability[easy].min() >= probability[~easy].max()
     assert not select_easy(torch.full((5,), 0.05), "expected").any()
-    with pytest.raises(InvalidInputError, match="rule must be one of 'threshold', 'expected'"):
+    with pytest.raises(InvalidInputError, match="rule must be one of 'threshold', 'expected', 'prior'"):
         select_easy(probability, "median")
+
+
+def test_prior_rule_counts_by_the_class_priors_and_ranks_by_the_classifier():
+    """Ten samples the classifier finds 72% easy on average, of a class whose held-out images are 40% easy: four
+    are labelled easy, the four most probable."""
+    probability = torch.tensor([0.7, 0.9, 0.6, 0.75, 0.65, 0.8, 0.7, 0.7, 0.55, 0.85])
+    easy = select_easy(probability, "prior", torch.full((10,), 0.4))
+    assert int(easy.sum()) == 4 and set(easy.nonzero().squeeze(1).tolist()) == {1, 9, 5, 3}
+    mixed = select_easy(probability, "prior", torch.tensor([0.9] * 5 + [0.1] * 5))
+    assert int(mixed.sum()) == 5
+    with pytest.raises(InvalidInputError, match="rule 'prior' needs one class prior a sample"):
+        select_easy(probability, "prior")
 
 
 def test_classifier_rejects_bad_shapes():

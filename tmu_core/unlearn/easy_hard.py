@@ -5,7 +5,7 @@ for 100 epochs on the twin problem's features, standardised with the twin proble
 Label 1 = easy (the gold model classifies the sample correctly), 0 = hard. The easy probability is averaged
 over an ensemble of such MLPs (``members``; 1 is the paper's single MLP).
 
-Two rules turn probabilities into labels (``select_easy``):
+Three rules turn probabilities into labels (``select_easy``):
 
 - ``"threshold"``: easy when the probability is at least 0.5 (the paper's rule);
 - ``"expected"``: the expected number of easy samples, k = round(sum of probabilities), is kept, and the k
@@ -13,6 +13,10 @@ Two rules turn probabilities into labels (``select_easy``):
   hundred samples each at 0.7 all become easy), while the sum of calibrated probabilities is an unbiased
   count ("probabilistic classify and count" in the quantification literature). TMU aligns the forget set's
   accuracy with that share, so the count matters more than any one label.
+- ``"prior"``: the count is the sum of each sample's class prior instead (the share of its class's held-out
+  twin images the model classifies correctly: how many of them a model that never saw them would get right, if
+  they were like held-out images), and the most probable samples are again labelled easy. The classifier then
+  only ranks; its calibration, learnt on held-out images, need not carry over to training samples.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from tmu_core.unlearn.base import check_choice, check_range
 logger = logging.getLogger(__name__)
 
 LOSSES = ("bce", "ce")
-EASY_RULES = ("threshold", "expected")
+EASY_RULES = ("threshold", "expected", "prior")
 
 
 @dataclass(frozen=True)
@@ -173,18 +177,28 @@ def fit_classifier(features: torch.Tensor, easy: torch.Tensor, config: Classifie
     return clf
 
 
-def predict_easy(clf: EasyHardMLP, features: torch.Tensor, rule: str = "threshold") -> torch.Tensor:
-    """(N,) bool: the classifier's easy labels of ``features`` by ``rule`` (``"threshold"`` or ``"expected"``)."""
+def predict_easy(clf: EasyHardMLP, features: torch.Tensor, rule: str = "threshold",
+                 prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: the classifier's easy labels of ``features`` by ``rule`` (``prior``: each sample's class prior,
+    for the ``"prior"`` rule)."""
     with torch.inference_mode():
-        return select_easy(clf.easy_probability(features.to(clf.mean.device)), rule)
+        return select_easy(clf.easy_probability(features.to(clf.mean.device)), rule, prior)
 
 
-def select_easy(probability: torch.Tensor, rule: str = "threshold") -> torch.Tensor:
-    """(N,) bool easy labels from (N,) easy probabilities by ``rule`` (see the module docstring)."""
+def select_easy(probability: torch.Tensor, rule: str = "threshold", prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool easy labels from (N,) easy probabilities by ``rule`` (see the module docstring).
+
+    Raises:
+        InvalidInputError: an unknown rule, or ``"prior"`` without an (N,) ``prior``.
+    """
     check_choice("select_easy", "rule", rule, EASY_RULES)
     if rule == "threshold":
         return probability >= 0.5
-    count = int(torch.round(probability.sum()).item())
+    if rule == "prior" and (prior is None or prior.shape != probability.shape):
+        raise InvalidInputError(f"select_easy: rule 'prior' needs one class prior a sample ({tuple(probability.shape)}), "
+                                f"got {None if prior is None else tuple(prior.shape)}")
+    expected = prior.to(probability.device) if rule == "prior" else probability
+    count = int(torch.round(expected.sum()).item())
     order = torch.sort(probability, descending=True, stable=True).indices
     easy = torch.zeros_like(probability, dtype=torch.bool)
     easy[order[:count]] = True

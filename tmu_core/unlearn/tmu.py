@@ -144,7 +144,7 @@ class TmuMethod(UnlearnMethod):
         forget_images, forget_labels = data.tensors("forget")
         clf, columns, cf_info = self._request_features(model, meta, data, prepared, device)
         predicted = predict_easy(clf, assemble(columns, self.options.features, self.options.log_losses),
-                                 self.options.easy_rule)
+                                 self.options.easy_rule, columns["prior"])
         timings["features_and_classifier"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
