@@ -16,13 +16,12 @@ Request k forgets one "data owner": 1-20 training samples (``--owner-sizes``; a 
 ``--seed``. It goes through ``POST /forget/quickstart`` and the script waits for its job. Right after each
 request the served version (the registry's ``serving``) is copied aside, its kind (``exact`` or ``approximate``,
 when the service reports one) noted, and the first test image of each class is predicted through TorchServe
-(the answers must be the copy's, from the version's number). Once the service is stopped, each copy is scored on the pipeline's eval split (``plan_data`` with the pipeline's defaults: half of each
-class's held-out images, at most 50, are TMU's twin images, the rest the eval split) against the
+(the answers must be the copy's, from the version's number). Once the service is stopped, each copy is scored on the pipeline's eval split (``plan_data``, twin fraction 0.5, seed 0) against the
 gold of k: a model trained with the original checkpoint's recipe (``meta.recipe``) on the training set minus the
 union of everything forgotten up to k, the quickstart's 100 included. Scores: ACC_Dtest of both, the absolute
 gap in accuracy on that union (Delta), and the loss-threshold attack's success on the union (``measure``, as a
 forget job's report uses it); also each served copy's accuracy on the 9,500 test images no model sees, and on
-the twin images that TMU holds out (its guard's images are among them). Every image is read from a reference index the script builds in ``--work`` from the
+the twin half that TMU holds out (its guard's images are among them). Every image is read from a reference index the script builds in ``--work`` from the
 zip: the service wipes forgotten samples' pixels from its own index.
 
 Golds are cached under ``--work/golds`` by a hash of their training ids and recipe, so runs with and without a
@@ -85,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for the cached workspace snapshot, reference index, golds and runs")
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=QuickstartConfig.test_per_class,
-                        help="held-out images per class (the quickstart's default); half, at most 50, are TMU's "
-                             "twin images, the rest the eval split that measures each version's drift")
+                        help="held-out images per class (the quickstart's default); half are TMU's twin images, "
+                             "half the eval split that measures each version's drift")
     parser.add_argument("--epochs", type=int, default=24, help="epochs of the original model (the golds' recipe)")
     parser.add_argument("--forget-samples", type=int, default=100, help="the quickstart's own first request")
     parser.add_argument("--requests", type=int, default=20,
@@ -164,9 +163,9 @@ def reference_index(args: argparse.Namespace) -> Any:
 
 
 def wide_test_set(args: argparse.Namespace, reference: Any, view_of: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every test image of the zip that no model or method sees (the reference's twin images left out): about
-    9,500 images, so that a 2-point band around a gold is not mostly the sampling noise of the eval split.
-    Indexed once under ``--work``; the same ``"<split>/<class>/<stem>"`` ids as the quickstart's index."""
+    """Every test image of the zip that no model or method sees (the reference's twin half left out): about
+    9,500 images, so that a 2-point band around a gold is not mostly the sampling noise of the 500-image eval
+    split. Indexed once under ``--work``; the same ``"<split>/<class>/<stem>"`` ids as the quickstart's index."""
     from tmu_core.forget.artifacts import plan_data
     from tmu_core.index import TrainingIndex, ingest_zip
 
@@ -587,7 +586,7 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
           f"{summary['requests']} requests after the quickstart's"
           + ("" if summary["complete"] else f" (the run stopped before its {len(result['requests']) - 1})"))
     if summary["wide_size"]:
-        print(f"on the {summary['wide_size']} test images no model sees (the eval split among them): max gap "
+        print(f"on the {summary['wide_size']} test images no model sees (the eval split's 500 among them): max gap "
               f"below the gold {_points(summary['wide_max_gap'])} (at the end {_points(summary['wide_final_gap'])}); "
               f"within 2 points {summary['wide_rows_within_2']} of {summary['rows_with_gold']} rows; the golds move "
               f"up to {_points(summary['wide_gold_step_max'])} from one request to the next")

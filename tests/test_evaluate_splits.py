@@ -48,22 +48,9 @@ def test_split_keeps_at_least_one_sample_on_each_side():
     assert len(split.twin_ids) == 3 and len(split.eval_ids) == 3
 
 
-def test_twin_max_caps_each_class_and_gives_the_rest_to_eval():
-    source = _Ids(train_per_class=10, test_per_class=300)
-    split = split_test(source, twin_fraction=0.5, seed=0, twin_max=50)
-    for label in range(3):
-        assert sum(f"/c{label}/" in sample for sample in split.twin_ids) == 50
-        assert sum(f"/c{label}/" in sample for sample in split.eval_ids) == 250
-    assert sorted(split.twin_ids + split.eval_ids) == source.ids("test")
-    # Below the cap the fraction decides, as without one: a class of 100 still splits 50/50.
-    assert split_test(_Ids(10, 100), 0.5, 0, twin_max=50) == split_test(_Ids(10, 100), 0.5, 0)
-
-
 def test_split_rejects_bad_fraction_and_tiny_classes():
     with pytest.raises(InvalidInputError, match="twin_fraction"):
         split_test(_Ids(10, 20), twin_fraction=1.0, seed=0)
-    with pytest.raises(InvalidInputError, match="twin_max must be at least 1"):
-        split_test(_Ids(10, 20), twin_fraction=0.5, seed=0, twin_max=0)
     with pytest.raises(InvalidInputError, match="needs at least 2"):
         split_test(_Ids(10, 1), twin_fraction=0.5, seed=0)
 

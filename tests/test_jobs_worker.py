@@ -163,25 +163,3 @@ def test_a_version_past_the_hold_level_waits_for_the_retrain_instead_of_serving(
     served = run_job(workspace, job.id, config)
     assert [s["step"] for s in served.steps][4:] == ["load", "unlearn", "evaluate", "save", "package", "register"]
     assert served.state == "failed" and "no TorchServe config" in served.reason
-
-
-def test_a_job_gives_twin_max_test_images_a_class_to_tmu_and_the_rest_to_its_eval_split(tmp_path) -> None:
-    """The twin/eval split a job prepares with is capped per class, so a bigger held-out set measures each
-    version's accuracy more precisely instead of making TMU's twin problem bigger."""
-    from tmu_core.forget.artifacts import artifacts_dir, plan_data
-    from tmu_core.unlearn.prepared import load_prepared
-
-    ws = make_workspace(tmp_path)
-    make_index(ws, tmp_path, train=8, test=6).close()
-    make_v1(ws, epochs=1)
-    store = JobStore(ws.state_db)
-    job = store.submit("m", ["train/a/0000"], options={"method": "tmu", **FAST_TMU})
-    store.claim_next("m")
-    done = run_job(ws, job.id, PipelineConfig(device="cpu", prepare_next=False, max_attempts=1, twin_max=2))
-    assert done.state == "failed" and "register" in done.reason  # no TorchServe; load..package ran
-    twin = load_prepared(artifacts_dir(ws, "m", 1)).twin_ids
-    with TrainingIndex.open(ws.index_dir) as index:
-        plan = plan_data(index, 0.5, 0, twin_max=2)
-        uncapped = plan_data(index, 0.5, 0, twin_max=None)
-    assert tuple(twin) == plan.twin_ids and len(plan.twin_ids) == 4 * 2 and len(plan.eval_ids) == 4 * 4
-    assert len(uncapped.twin_ids) == 4 * 3

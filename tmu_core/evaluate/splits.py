@@ -44,26 +44,22 @@ def _shuffled(ids: Sequence[str], seed: int) -> list[str]:
     return [ids[i] for i in order]
 
 
-def split_test(index: IdSource, twin_fraction: float, seed: int, twin_max: int | None = None) -> TestSplit:
+def split_test(index: IdSource, twin_fraction: float, seed: int) -> TestSplit:
     """Split each class's test ids into a twin part and an eval part.
 
     Args:
         index: the training index.
         twin_fraction: share of each class's test ids given to the twin part, in ``(0, 1)``.
         seed: seed of the shuffle.
-        twin_max: most twin ids a class gives (None: no limit); the rest of its ids go to the eval part.
 
     Returns:
         Sorted, disjoint twin and eval ids; every class contributes to both.
 
     Raises:
-        InvalidInputError: the fraction is outside ``(0, 1)``, ``twin_max`` is below 1, or a class has fewer
-            than 2 test samples.
+        InvalidInputError: the fraction is outside ``(0, 1)`` or a class has fewer than 2 test samples.
     """
     if not 0.0 < twin_fraction < 1.0:
         raise InvalidInputError(f"twin_fraction must be in (0, 1), got {twin_fraction}")
-    if twin_max is not None and twin_max < 1:
-        raise InvalidInputError(f"twin_max must be at least 1 (or None for no limit), got {twin_max}")
     twin: list[str] = []
     held: list[str] = []
     for label, name in enumerate(index.classes):
@@ -73,7 +69,7 @@ def split_test(index: IdSource, twin_fraction: float, seed: int, twin_max: int |
                 f"class {label} ({name}) has {len(ids)} test sample(s); the twin/eval split needs at least 2"
             )
         shuffled = _shuffled(ids, seed * 7919 + label)
-        cut = min(max(1, round(len(ids) * twin_fraction)), len(ids) - 1, twin_max or len(ids))
+        cut = min(max(1, round(len(ids) * twin_fraction)), len(ids) - 1)
         twin += shuffled[:cut]
         held += shuffled[cut:]
     return TestSplit(tuple(sorted(twin)), tuple(sorted(held)))

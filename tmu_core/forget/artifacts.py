@@ -24,11 +24,6 @@ from tmu_core.config import Workspace
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".artifacts.lock"
-# Most held-out images a class gives TMU's twin problem. Its per-class easy share and guard need a few dozen; every
-# further held-out image goes to the eval split, where it makes each version's measured accuracy (and so its drift
-# cost and the hold) more precise without making a request slower. With the quickstart's 100 a class the split is
-# 50/50 either way.
-TWIN_MAX_PER_CLASS = 50
 
 
 @dataclass(frozen=True)
@@ -46,13 +41,12 @@ class DataPlan:
     eval_ids: tuple[str, ...]
 
 
-def plan_data(index: Any, twin_fraction: float, seed: int, train_ids: Any = None,
-              twin_max: int | None = TWIN_MAX_PER_CLASS) -> DataPlan:
+def plan_data(index: Any, twin_fraction: float, seed: int, train_ids: Any = None) -> DataPlan:
     """The version's training ids (``train_ids``; every live training id when None) and the live test split
-    (per class, seeded) into twin/eval: ``twin_fraction`` of a class's ids, at most ``twin_max``, to the twin part."""
+    halved (per class, seeded) into twin/eval."""
     from tmu_core.evaluate.splits import split_test
 
-    split = split_test(index, twin_fraction, seed, twin_max)
+    split = split_test(index, twin_fraction, seed)
     train = tuple(sorted(train_ids)) if train_ids is not None else tuple(index.ids("train"))
     return DataPlan(train, split.twin_ids, split.eval_ids)
 
@@ -106,11 +100,11 @@ def prepare(method: Any, model: torch.nn.Module, meta: Any, index: Any, plan: Da
 
 def prepare_version(workspace: Workspace, model: str, version: int | None = None, method: str = "tmu",
                     options: dict[str, Any] | None = None, device: str = "auto", twin_fraction: float = 0.5,
-                    seed: int = 0, twin_max: int | None = TWIN_MAX_PER_CLASS) -> float:
+                    seed: int = 0) -> float:
     """Prepare a registered version's artifacts ahead of forget requests (the serving version by default).
 
     A forget job prepares them itself when they are missing; doing it ahead takes that cost off the first request.
-    ``twin_fraction``, ``twin_max`` and ``seed`` must match the jobs' ``PipelineConfig`` (the defaults do).
+    ``twin_fraction`` and ``seed`` must match the jobs' ``PipelineConfig`` (the defaults do).
 
     Returns:
         Seconds spent.
@@ -131,6 +125,6 @@ def prepare_version(workspace: Workspace, model: str, version: int | None = None
     target = resolve_device(device)
     net, meta = load_checkpoint(record.checkpoint, target)
     with TrainingIndex.open(workspace.index_dir) as index:
-        plan = plan_data(index, twin_fraction, seed, registry.members(model, record.version), twin_max)
+        plan = plan_data(index, twin_fraction, seed, registry.members(model, record.version))
         view = index.view(Preprocess.from_meta(meta))  # images as the version's handler reads them
         return prepare(chosen, net, meta, view, plan, target, artifacts_dir(workspace, model, record.version))

@@ -203,7 +203,7 @@ def _prepare_version(workspace: Any, job: Any, config: Any, version: int, model:
     name, options = next_method(StateStore.open(workspace), job)
     method = get_method(name, **options)
     with TrainingIndex.open(workspace.index_dir) as index:
-        plan = plan_data(index, config.twin_fraction, config.seed, members, config.twin_max)
+        plan = plan_data(index, config.twin_fraction, config.seed, members)
         seconds = prepare(method, model, meta, index.view(Preprocess.from_meta(meta)), plan,
                           resolve_device(config.device), artifacts_dir(workspace, job.model, version),
                           parent=getattr(parent, "prepared", None), origin=f"{job.model}:v{job.from_version}")

@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
-from tmu_core.forget.artifacts import TWIN_MAX_PER_CLASS
 from tmu_core.forget.commit import kill_point
 from tmu_core.forget.drift import DriftPolicy, HeldForRetrain, drift_after, retrain_to_wait_for
 from tmu_core.forget.executor import Executor, ExecutorSettings, LocalExecutor, make_executor
@@ -56,8 +55,6 @@ class PipelineConfig:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         seed: seeds the twin/eval split of the test set and the unlearning.
         twin_fraction: share of each class's test samples given to TMU's twin problem (the rest is D_test).
-        twin_max: most test samples a class gives the twin problem (None: no limit); see
-            ``artifacts.TWIN_MAX_PER_CLASS``.
         mia_alpha: false-positive rate of the membership attack on non-members.
         swap: registration and drain timing.
         prepare_next: prepare the new version's artifacts after the job succeeded.
@@ -73,7 +70,6 @@ class PipelineConfig:
     device: str = "auto"
     seed: int = 0
     twin_fraction: float = 0.5
-    twin_max: int | None = TWIN_MAX_PER_CLASS
     mia_alpha: float = 0.5
     swap: SwapSettings = field(default_factory=SwapSettings)
     prepare_next: bool = True
@@ -89,8 +85,6 @@ class PipelineConfig:
             raise InvalidInputError(f"kill_at must be one of {', '.join(KILL_POINTS)}; got {self.kill_at!r}")
         if not 0.0 < self.twin_fraction < 1.0:
             raise InvalidInputError(f"twin_fraction must be in (0, 1), got {self.twin_fraction}")
-        if self.twin_max is not None and self.twin_max < 1:
-            raise InvalidInputError(f"twin_max must be at least 1 (or None for no limit), got {self.twin_max}")
         if self.retention_s < 0 or self.max_attempts < 1:
             raise InvalidInputError(f"retention_s must be >= 0 and max_attempts >= 1, got {self.retention_s} "
                                     f"and {self.max_attempts}")
@@ -172,7 +166,7 @@ def _load(run: _Run) -> Loaded | None:
     target = run.store.versions.reserve(run.job.model, run.job.id)
     undo.remove_version_files(run.workspace, run.store.versions, run.job.model, target)
     run.store.jobs.set_fields(run.job.id, from_version=source.version, to_version=target)
-    plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained, run.config.twin_max)
+    plan = plan_data(index, run.config.twin_fraction, run.config.seed, trained)
     name, options = run.job.method()
     method = get_method(name, **options)
     run.method = method  # its prepared state (this version's) seeds the next version's, see prepare_next

@@ -308,8 +308,7 @@ class RayExecutor:
         record = store.versions.get(job.model, job.to_version)
         name, options = next_method(store, job)
         with TrainingIndex.open(workspace.index_dir) as index:
-            plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, record.version),
-                             config.twin_max)
+            plan = plan_data(index, config.twin_fraction, config.seed, store.versions.members(job.model, record.version))
         task = {"sha": sha256_file(record.checkpoint), "method": name, "options": options,
                 "train_ids": list(plan.train_ids), "twin_ids": list(plan.twin_ids), "eval_ids": list(plan.eval_ids),
                 "origin": f"{job.model}:v{job.from_version}"}

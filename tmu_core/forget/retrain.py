@@ -169,7 +169,7 @@ def _prepare_catch_up(run: _Run, trained: Trained, stale: set[str], ready: _Catc
         return ready
     started = time.perf_counter()
     method = get_method(name, **options)
-    plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids, run.config.twin_max)
+    plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids)
     view = run.index.view(Preprocess.from_meta(trained.meta))
     method.prepare(trained.model, trained.meta, UnlearnData(view, (), plan.train_ids, plan.twin_ids), run.device)
     return _CatchUp(key, method, plan, view, time.perf_counter() - started)
@@ -204,7 +204,7 @@ def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: An
     from tmu_core.preprocess import Preprocess
     from tmu_core.train import load_checkpoint, predict_logits
 
-    plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids, run.config.twin_max)
+    plan = plan_data(run.index, run.config.twin_fraction, run.config.seed, trained.ids)
     view = run.index.view(Preprocess.from_meta(trained.meta))
     images, labels = view.load(list(plan.eval_ids)), view.labels(list(plan.eval_ids))
     before, _ = load_checkpoint(current.checkpoint, run.device)
