@@ -166,13 +166,10 @@ def wide_test_set(args: argparse.Namespace, reference: Any, view_of: Any) -> tup
     """Every test image of the zip that no model or method sees (the reference's twin half left out): about
     9,500 images, so that a 2-point band around a gold is not mostly the sampling noise of the 500-image eval
     split. Indexed once under ``--work``; the same ``"<split>/<class>/<stem>"`` ids as the quickstart's index."""
+    from tmu_core.evaluate.cache import open_test_index
     from tmu_core.forget.artifacts import plan_data
-    from tmu_core.index import TrainingIndex, ingest_zip
 
-    path = _paths(args)["wide"]
-    wide = (TrainingIndex.open(path) if (path / "index.sqlite").is_file()
-            else ingest_zip(args.data, path, train_per_class=1, overwrite=True))
-    with wide:
+    with open_test_index(args.data, _paths(args)["wide"]) as wide:
         twin = set(plan_data(reference, 0.5, 0).twin_ids)
         ids = [sample for sample in wide.ids("test") if sample not in twin]
         return view_of(wide).load(ids), wide.labels(ids)

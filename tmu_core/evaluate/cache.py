@@ -81,23 +81,29 @@ def open_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
                       test_per_class=source.test_per_class, overwrite=True)
 
 
-def open_wide_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
-    """Open (building it first when missing) an index of every test image of ``source``'s zip, with the ids
-    ``"test/<class>/<stem>"`` of the protocol's own index, so that its twin part can be left out by id.
+def open_test_index(zip_path: Path | str, dest: Path) -> TrainingIndex:
+    """Open the index at ``dest`` of every test image of a zip (and one training image a class), building it first
+    when missing. Its ids are ``"test/<class>/<stem>"``, as in any index of the same zip, so that a twin part can
+    be left out by id.
 
     Raises:
-        InvalidInputError: the source is not a zip, or the zip cannot be read.
+        InvalidInputError: the zip does not exist or cannot be read.
     """
-    if source.kind != "cifar10-zip" or source.path is None or not Path(source.path).is_file():
-        raise InvalidInputError(f"the wide test set needs the CIFAR-10 zip of a cifar10-zip source; got {source.kind} "
-                                f"at {source.path}")
-    dest = cache_dir / "index" / f"{source.key()}-wide"
     try:
         return TrainingIndex.open(dest)
     except CheckpointError:
-        logger.info("building the wide test index at %s", dest)
+        logger.info("building the index of every test image of %s at %s", zip_path, dest)
+    if not Path(zip_path).is_file():
+        raise InvalidInputError(f"data file {zip_path} does not exist; pass --data with the CIFAR-10 zip path")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return ingest_zip(source.path, dest, train_per_class=1, overwrite=True)
+    return ingest_zip(zip_path, dest, train_per_class=1, overwrite=True)
+
+
+def open_wide_index(source: DataSource, cache_dir: Path) -> TrainingIndex:
+    """:func:`open_test_index` of a ``cifar10-zip`` source, cached as ``index/<source key>-wide``."""
+    if source.kind != "cifar10-zip" or source.path is None:
+        raise InvalidInputError(f"the wide test set needs the CIFAR-10 zip of a cifar10-zip source; got {source.kind}")
+    return open_test_index(source.path, cache_dir / "index" / f"{source.key()}-wide")
 
 
 def model_key(arch: str, cfg: TrainConfig, source: DataSource, fingerprint: str) -> str:
