@@ -325,12 +325,14 @@ def test_the_wide_test_set_scores_every_row_on_the_zips_other_test_images(tmp_pa
     source = DataSource("cifar10-zip", str(data), train_per_class=10, test_per_class=4)
     protocol = replace(_tiny_protocol(), name="zip-tiny", source=source, forget_classes=(1,), forget_size=3,
                        methods=(MethodSpec("finetune", "finetune", {"epochs": 1}),), wide_test=True)
+    protocol = customize(protocol, split_seed=2)  # any twin part: the wide set is the rest of the zip
     cache = tmp_path / "cache"
     result = run_protocol(protocol, tmp_path / "out", CPU, cache_dir=cache, progress=False)
 
     index = open_index(source, cache)
     try:
         twin = set(split_test(index, protocol.twin_fraction, protocol.split_seed).twin_ids)
+        assert twin != set(split_test(index, protocol.twin_fraction, 0).twin_ids)
     finally:
         index.close()
     with open_wide_index(source, cache) as wide:
@@ -343,7 +345,7 @@ def test_the_wide_test_set_scores_every_row_on_the_zips_other_test_images(tmp_pa
     assert rows["original"].acc_wide == pytest.approx(by_hand)
     assert all(row.acc_wide is not None for row in result.rows + result.means)
     table = (tmp_path / "out" / "results.txt").read_text()
-    assert "ACC_wide" in table and "40 test images of the zip" in table
+    assert "ACC_wide" in table and "40 test images of the zip" in table and "split seed 2" in table
     with open(tmp_path / "out" / "results.csv") as handle:
         assert all(line["acc_wide"] for line in csv.DictReader(handle))
 

@@ -93,7 +93,7 @@ def test_the_held_out_reference_is_the_lineages_by_default_and_the_versions_own_
     logits = logits_of(model, twin_images, DEVICE).cpu()
     own_easy, own_margins = logits.argmax(dim=1) == twin_labels, logit_margin(logits, twin_labels)
     assert not torch.equal(own_margins, parent.twin_margins), "v2 must differ from v1 on the twin samples"
-    for name in ("twin_easy", "class_rates", "twin_margins"):
+    for name in ("twin_easy", "class_rates", "twin_margins", "twin_logits", "reference_counts"):
         assert torch.equal(getattr(state, name), getattr(parent, name)), name
     assert torch.equal(state.twin_columns["prior"], parent.twin_columns["prior"])
     assert state.info["reference"] == "lineage" and {"twin_easy", "twin_margins"} <= set(state.info["kept"])
@@ -104,10 +104,13 @@ def test_the_held_out_reference_is_the_lineages_by_default_and_the_versions_own_
     assert own.prepare_from(version_parent.prepared, model, problem().meta, data, DEVICE) == "incremental"
     mine = own.prepared
     assert torch.equal(mine.twin_easy, own_easy) and torch.equal(mine.twin_margins, own_margins)
+    assert torch.equal(mine.twin_logits, logits)
+    assert mine.reference_counts.tolist() == torch.bincount(data.labels_of(data.retain_ids), minlength=4).tolist()
+    assert int(parent.reference_counts.sum()) == len(parent.train_ids) > int(mine.reference_counts.sum())
     assert torch.equal(mine.twin_easy, correct_of(model, twin_images, twin_labels, DEVICE).cpu())
     assert mine.info["reference"] == "version" and "twin_margins" in mine.info["recomputed"]
     # A full build measures under its own model whatever the reference: both states of v1 agree.
-    for name in ("twin_easy", "class_rates", "twin_margins"):
+    for name in ("twin_easy", "class_rates", "twin_margins", "twin_logits", "reference_counts"):
         assert torch.equal(getattr(version_parent.prepared, name), getattr(parent, name)), name
 
 

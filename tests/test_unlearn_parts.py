@@ -12,7 +12,8 @@ from tmu_core.device import generator
 from tmu_core.errors import DivergedError, InvalidInputError, UnknownIdsError
 from tmu_core.unlearn import (TensorSource, UnlearnData, UnlearnMethod, get_method, list_methods,
                               parse_method_spec, register_method)
-from tmu_core.unlearn.easy_hard import ClassifierConfig, fit_classifier, label_accuracy, predict_easy, select_easy
+from tmu_core.unlearn.easy_hard import (ClassifierConfig, fit_classifier, fit_temperature, label_accuracy,
+                                        predict_easy, select_easy, shift_scale)
 from tmu_core.unlearn.features import adversarial_feature, assemble, class_prior, distance_feature
 from tmu_core.unlearn.forget_tune import TuneConfig, TuneSet, easy_loss, forget_finetune, hard_loss, logit_margin
 
@@ -243,6 +244,49 @@ def test_prior_rule_counts_by_the_class_priors_and_ranks_by_the_classifier():
     assert int(mixed.sum()) == 5
     with pytest.raises(InvalidInputError, match="rule 'prior' needs one class prior a sample"):
         select_easy(probability, "prior")
+
+
+def test_a_scale_multiplies_the_probabilities_and_priors_before_the_rule():
+    probability = torch.tensor([0.9, 0.8, 0.6, 0.4])
+    half = torch.full((4,), 0.5)
+    assert int(select_easy(probability, "expected").sum()) == 3
+    assert select_easy(probability, "expected", scale=half).tolist() == [True, False, False, False]  # round(1.35)
+    assert not select_easy(probability, "threshold", scale=half).any()  # 0.45 at most
+    assert int(select_easy(probability, "prior", torch.full((4,), 0.8), scale=half).sum()) == 2  # 4 x 0.4
+    assert select_easy(probability, "expected", scale=torch.full((4,), 3.0)).all()  # clamped to 1
+    with pytest.raises(InvalidInputError, match="scale must have one factor a sample \\(\\(4,\\)\\), got \\(3,\\)"):
+        select_easy(probability, "expected", scale=torch.ones(3))
+
+
+def test_temperature_scaling_finds_how_overconfident_the_logits_are():
+    gen = generator(0)
+    logits = 2.0 * torch.randn(4000, 5, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1)  # calibrated at T = 1
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.1)
+    assert fit_temperature(3.0 * logits, labels) == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(InvalidInputError, match="fit_temperature: expected \\(N, K\\) logits and \\(N,\\) labels"):
+        fit_temperature(logits, labels[:10])
+
+
+def test_the_prior_shift_lowers_a_class_by_the_share_of_its_images_within_log_w_of_the_boundary():
+    """Class 0 keeps half its training samples: its logit moves by log(1/2) (at the fitted temperature), and
+    every class-0 twin image correct by less than that margin turns wrong; a shift shared by every class changes
+    nothing."""
+    gen = generator(1)
+    logits = 2.0 * torch.randn(600, 3, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=gen).squeeze(1)
+    factors, temperature = shift_scale(logits, labels, torch.ones(3))
+    assert factors.tolist() == [1.0, 1.0, 1.0] and temperature == pytest.approx(1.0, rel=0.15)
+    assert shift_scale(logits, labels, torch.full((3,), 0.3))[0].tolist() == [1.0, 1.0, 1.0]
+
+    factors, temperature = shift_scale(logits, labels, torch.tensor([0.5, 1.0, 1.0]))
+    margins = logit_margin(logits, labels) / temperature
+    mine = (labels == 0) & (margins > 0)
+    assert factors[0].item() == pytest.approx((margins[mine] > torch.log(torch.tensor(2.0))).float().mean().item())
+    assert 0.0 < factors[0].item() < 1.0 and bool((factors[1:] >= 1.0).all())
+    assert shift_scale(logits, labels, torch.tensor([0.0, 1.0, 1.0]))[0][0].item() == 0.0  # a class forgotten whole
+    with pytest.raises(InvalidInputError, match="expected one kept share a class \\(3\\), got \\(2,\\)"):
+        shift_scale(logits, labels, torch.ones(2))
 
 
 def test_classifier_rejects_bad_shapes():

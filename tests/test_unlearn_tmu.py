@@ -76,9 +76,10 @@ def test_tmu_guards_held_out_accuracy_during_its_fine_tune_of_a_small_request(pr
 
 
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
-    """Flipped-label samples are hard by construction; the classifier must find them better than chance."""
+    """Flipped-label samples are hard by construction; the classifier must find them better than chance. (The
+    construction ignores that a gold without 30 of a class's 40 samples loses more of it: no prior shift.)"""
     forget = prob.forget_ids(1, 30, seed=1)
-    outcome = get_method("tmu", max_steps=1, **{k: v for k, v in FAST.items() if k != "max_steps"}).unlearn(
+    outcome = get_method("tmu", max_steps=1, prior_shift=False, **{k: v for k, v in FAST.items() if k != "max_steps"}).unlearn(
         prob.model, prob.meta, prob.data(forget), DEVICE, None)
     predicted = [i in set(outcome.predicted_hard_ids) for i in forget]
     truth = [i in prob.flipped for i in forget]
@@ -216,3 +217,24 @@ def test_easy_targets_are_the_chosen_quantile_of_held_out_margins_of_the_class(p
     assert float(targets[0.2].mean()) < float(targets[0.5].mean())
     with pytest.raises(InvalidInputError, match="easy_quantile must be >= 0.0 and <= 1.0"):
         get_method("tmu", easy_quantile=1.5)
+
+
+def test_a_request_that_takes_most_of_a_class_counts_fewer_easy_samples_by_the_prior_shift(prob):
+    """30 of class 1's training samples: the gold keeps a quarter of the class, so its easy count is scaled by
+    the factor ``shift_scale`` gives from M_o's twin logits; a run without the shift keeps more samples easy."""
+    from tmu_core.unlearn.common import logits_of
+    from tmu_core.unlearn.easy_hard import shift_scale
+
+    data = prob.data(prob.forget_ids(1, 30, seed=1))
+    shifted = get_method("tmu", **FAST).unlearn(prob.model, prob.meta, data, DEVICE, None).details
+    plain = get_method("tmu", prior_shift=False, **FAST).unlearn(prob.model, prob.meta, data, DEVICE, None).details
+    assert plain["prior_shift"] is None
+    info = shifted["prior_shift"]
+    twin_images, twin_labels = data.tensors("twin")
+    kept, trained = (torch.bincount(data.labels_of(ids), minlength=4) for ids in (data.retain_ids, data.training_ids))
+    share = kept.float() / trained.float()
+    factors, temperature = shift_scale(logits_of(prob.model, twin_images, DEVICE).cpu(), twin_labels, share)
+    assert info["classes"] == {1: {"kept_share": round(float(share[1]), 4), "factor": round(float(factors[1]), 4)}}
+    assert info["temperature"] == temperature and share[1] < 0.35 and float(factors[1]) < 1.0
+    assert shifted["predicted_easy"] < plain["predicted_easy"]
+    json.dumps(shifted)

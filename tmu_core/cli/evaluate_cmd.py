@@ -74,12 +74,15 @@ def _numbers(text: str | None, option: str, kind: type) -> list | None:
 @click.option("--wide-test/--no-wide-test", default=None,
               help="Also score every row on all of the zip's test images but TMU's twin part (ACC_wide: about 9,500 "
                    "for CIFAR-10), indexed once in the cache; the eval split alone is a few hundred images.")
+@click.option("--split-seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the twin/eval split of the test images (default: the protocol's, 0). The twin part is "
+                   "the held-out sample TMU measures each class's easy share on; vary it to see that sample's noise.")
 def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_dir: Path | None,
              methods: str | None, classes: str | None, forget_size: int | None, forget_shape: str | None,
              forget_fraction: float | None, owners: int | None, experiments: int | None, seeds: str | None,
              epochs: int | None, device: str, noise: str | None, feature_sets: tuple[str, ...],
              variants: tuple[str, ...], requests: int | None, floor_every: int | None, progress: bool,
-             mia: str | None, lira_shadows: int | None, wide_test: bool | None) -> None:
+             mia: str | None, lira_shadows: int | None, wide_test: bool | None, split_seed: int | None) -> None:
     """Train the original, gold and floor models, run the unlearning methods and print the metrics table."""
     from tmu_core.device import resolve_device
     from tmu_core.evaluate import builtin_protocol, customize, format_table, run_protocol, run_sequential
@@ -110,6 +113,7 @@ def evaluate(protocol_name: str, data: Path | None, out_dir: Path | None, cache_
             mia=mia,
             lira_shadows=lira_shadows,
             wide_test=wide_test,
+            split_seed=split_seed,
         )
         out = out_dir if out_dir is not None else Path("runs") / protocol_name
         if requests is None:

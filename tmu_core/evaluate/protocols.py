@@ -397,6 +397,7 @@ def customize(
     mia: str | None = None,
     lira_shadows: int | None = None,
     wide_test: bool | None = None,
+    split_seed: int | None = None,
 ) -> Protocol:
     """A copy of ``protocol`` with some choices replaced (the CLI's overrides).
 
@@ -418,6 +419,7 @@ def customize(
         mia: the membership test, ``population`` or ``lira``.
         lira_shadows: shadow models per seed of the ``lira`` test.
         wide_test: also score ACC on the rest of the zip's test split (see :class:`Protocol`).
+        split_seed: seed of the twin/eval split of the test images.
 
     Raises:
         InvalidInputError: any value the protocol rejects, ablations asked for without ``tmu``, an option
@@ -456,6 +458,8 @@ def customize(
     changes.update(_mia_changes(protocol, mia, lira_shadows))
     if wide_test is not None:
         changes["wide_test"] = wide_test
+    if split_seed is not None:
+        changes["split_seed"] = split_seed
     return replace(protocol, **changes)
 
 

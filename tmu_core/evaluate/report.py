@@ -106,7 +106,7 @@ def _preamble(result: ProtocolResult) -> list[str]:
         f"seeds {', '.join(str(s) for s in proto['seeds'])}, "
         f"device {result.device}, wall {result.wall_seconds:.0f} s",
         f"splits: train {splits.train}; test split into twin {splits.twin} (only TMU's twin problem sees it) and "
-        f"eval {splits.eval} (never seen by any method)",
+        f"eval {splits.eval} (never seen by any method), split seed {proto.get('split_seed', 0)}",
         *([f"ACC_wide = accuracy on the {splits.wide} test images of the zip outside the twin part (the eval split "
            "among them): the same comparison with far less sampling noise"] if _uses_wide(result) else []),
         "ACC_Dtest = accuracy on the eval split; ASR = loss-threshold attack on D_f, threshold = "

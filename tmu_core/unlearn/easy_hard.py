@@ -17,6 +17,15 @@ Three rules turn probabilities into labels (``select_easy``):
   twin images the model classifies correctly: how many of them a model that never saw them would get right, if
   they were like held-out images), and the most probable samples are again labelled easy. The classifier then
   only ranks; its calibration, learnt on held-out images, need not carry over to training samples.
+
+With ``scale`` (:func:`shift_scale`), each sample's probability and prior are first multiplied by its class's
+factor. The twin images measure a model trained on the whole training set; the gold model was trained without
+D_f, so a class that loses a large part of its samples is predicted less often by it. Bayes' rule gives the size
+of that: a class whose share of the training set changes by a factor w has its log posterior moved by log w
+(label or prior-probability shift, Saerens et al. 2002). ``shift_scale`` applies that move to M_o's logits on the
+twin images, calibrated by one temperature fitted on them (Guo et al. 2017), and returns each class's easy rate
+after the move divided by its rate before. When every class loses the same share (a random forget set), or a
+few samples of a class among hundreds (an owner), the factors are 1 or next to it.
 """
 
 from __future__ import annotations
@@ -178,20 +187,29 @@ def fit_classifier(features: torch.Tensor, easy: torch.Tensor, config: Classifie
 
 
 def predict_easy(clf: EasyHardMLP, features: torch.Tensor, rule: str = "threshold",
-                 prior: torch.Tensor | None = None) -> torch.Tensor:
+                 prior: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) bool: the classifier's easy labels of ``features`` by ``rule`` (``prior``: each sample's class prior,
-    for the ``"prior"`` rule)."""
+    for the ``"prior"`` rule; ``scale``: each sample's class factor from :func:`shift_scale`)."""
     with torch.inference_mode():
-        return select_easy(clf.easy_probability(features.to(clf.mean.device)), rule, prior)
+        return select_easy(clf.easy_probability(features.to(clf.mean.device)), rule, prior, scale)
 
 
-def select_easy(probability: torch.Tensor, rule: str = "threshold", prior: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) bool easy labels from (N,) easy probabilities by ``rule`` (see the module docstring).
+def select_easy(probability: torch.Tensor, rule: str = "threshold", prior: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool easy labels from (N,) easy probabilities by ``rule`` (see the module docstring), after
+    multiplying the probabilities and priors by ``scale`` (N,) when given.
 
     Raises:
-        InvalidInputError: an unknown rule, or ``"prior"`` without an (N,) ``prior``.
+        InvalidInputError: an unknown rule, ``"prior"`` without an (N,) ``prior``, or a ``scale`` of another shape.
     """
     check_choice("select_easy", "rule", rule, EASY_RULES)
+    if scale is not None:
+        if scale.shape != probability.shape:
+            raise InvalidInputError(f"select_easy: scale must have one factor a sample ({tuple(probability.shape)}), "
+                                    f"got {tuple(scale.shape)}")
+        scale = scale.to(probability.device)
+        probability = (probability * scale).clamp(0.0, 1.0)
+        prior = None if prior is None else (prior.to(probability.device) * scale).clamp(0.0, 1.0)
     if rule == "threshold":
         return probability >= 0.5
     if rule == "prior" and (prior is None or prior.shape != probability.shape):
@@ -203,6 +221,52 @@ def select_easy(probability: torch.Tensor, rule: str = "threshold", prior: torch
     easy = torch.zeros_like(probability, dtype=torch.bool)
     easy[order[:count]] = True
     return easy
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 whose ``softmax(logits / T)`` has the least cross-entropy on ``labels`` (temperature
+    scaling), searched on a log grid from 0.1 to 20: ``logits`` (N, K) of held-out samples, ``labels`` (N,).
+
+    Raises:
+        InvalidInputError: shapes do not match or there is no sample.
+    """
+    if logits.dim() != 2 or labels.shape != (logits.shape[0],) or not labels.numel():
+        raise InvalidInputError(f"fit_temperature: expected (N, K) logits and (N,) labels with N > 0, "
+                                f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    logits, labels = logits.detach().float().cpu(), labels.cpu().long()
+    grid = torch.logspace(-1.0, 1.30103, 241)  # 0.1 .. 20, about 1.3% apart
+    losses = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    return float(grid[int(losses.argmin())])
+
+
+def shift_scale(twin_logits: torch.Tensor, twin_labels: torch.Tensor, kept_share: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per class, how much its easy rate on the twin images falls when each class's share of the training set is
+    multiplied by ``kept_share`` (see the module docstring).
+
+    Args:
+        twin_logits: (T, K) the model's logits on the twin (held-out) images.
+        twin_labels: (T,) their labels.
+        kept_share: (K,) per class, the number of its training samples the gold keeps divided by the number the
+            model was trained on (1 for a class that loses nothing; 0 for a class forgotten whole).
+
+    Returns:
+        ``factors`` (K,): each class's easy rate after the shift divided by its rate before (1 for a class with
+        no correctly classified twin image), and the fitted temperature.
+
+    Raises:
+        InvalidInputError: shapes do not match.
+    """
+    classes = twin_logits.shape[-1] if twin_logits.dim() == 2 else 0
+    if kept_share.shape != (classes,):
+        raise InvalidInputError(f"shift_scale: expected one kept share a class ({classes}), got {tuple(kept_share.shape)}")
+    temperature = fit_temperature(twin_logits, twin_labels)
+    logits, labels = twin_logits.detach().float().cpu(), twin_labels.cpu().long()
+    before = logits.argmax(dim=1) == labels
+    after = (logits / temperature + kept_share.float().clamp_min(1e-6).log()).argmax(dim=1) == labels
+    correct = torch.zeros(classes).index_add_(0, labels, before.float())
+    kept = torch.zeros(classes).index_add_(0, labels, after.float())
+    factors = torch.where(correct > 0, kept / correct.clamp_min(1.0), torch.ones(classes))
+    return factors, temperature
 
 
 def label_accuracy(predicted_easy: torch.Tensor, true_easy: torch.Tensor) -> float:

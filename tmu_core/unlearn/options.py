@@ -154,6 +154,9 @@ class TmuOptions:
             M_o gives correctly classified held-out (twin) samples of its class, so that it stays correct but
             stops looking memorised; ``"none"`` is the paper's plain cross-entropy on easy samples.
         easy_quantile: which quantile of those held-out margins is the target (0.5: the median).
+        prior_shift: scale each forget sample's easy probability by how much its class's held-out easy rate falls
+            when the classes' shares of the training set change as the gold's do (see
+            ``easy_hard.shift_scale``); False: the rates as measured.
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
             guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps: the unlearning
@@ -192,6 +195,7 @@ class TmuOptions:
     easy_rule: str = "expected"
     easy_target: str = "held_out"
     easy_quantile: float = 0.3
+    prior_shift: bool = True
     # The fine-tune's settings; their defaults are TuneConfig's.
     lr: float = TuneConfig.lr
     max_steps: int = 120

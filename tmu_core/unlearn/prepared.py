@@ -33,7 +33,7 @@ from tmu_core.unlearn.easy_hard import EasyHardMLP
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = 3  # 3: twin_margins
+FORMAT = 4  # 3: twin_margins; 4: twin_logits and reference_counts
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class PreparedTmu:
         class_rates: (K,) share of easy twin samples per class (the "prior" feature of a forget sample).
         twin_margins: (T,) M_o's logit margins on the twin samples (the easy samples' target margins are
             quantiles of the correct ones).
+        twin_logits: (T, K) M_o's logits on the twin samples (the prior shift of
+            :func:`tmu_core.unlearn.easy_hard.shift_scale`).
+        reference_counts: (K,) per class, the training samples of the model the twin measurements were taken
+            under (a request's gold keeps these minus what was forgotten since).
         twin_state: state_dict of M_t; empty for a state made by an incremental update (no twin model kept).
         cf_state: state_dict of the curriculum model.
         cf_ids: samples the curriculum model was trained on.
@@ -67,6 +71,8 @@ class PreparedTmu:
     twin_easy: torch.Tensor
     class_rates: torch.Tensor
     twin_margins: torch.Tensor
+    twin_logits: torch.Tensor
+    reference_counts: torch.Tensor
     twin_state: dict[str, torch.Tensor]
     cf_state: dict[str, torch.Tensor]
     cf_ids: tuple[str, ...]
@@ -95,6 +101,7 @@ def save_prepared(prepared: PreparedTmu, workdir: Path) -> None:
                               "labels": prepared.train_labels.cpu()},
         "twin_problem.pt": {"ids": list(prepared.twin_ids), "easy": prepared.twin_easy.cpu(),
                             "class_rates": prepared.class_rates.cpu(), "margins": prepared.twin_margins.cpu(),
+                            "logits": prepared.twin_logits.cpu(), "reference_counts": prepared.reference_counts.cpu(),
                             "columns": {k: v.cpu() for k, v in prepared.twin_columns.items()}},
         "classifier.pt": {"state_dict": _cpu(clf.state_dict()), **clf.shape},
     }
@@ -147,7 +154,8 @@ def load_prepared(workdir: Path) -> PreparedTmu:
     return PreparedTmu(
         key=key, train_ids=tuple(feats["ids"]), train_features=feats["features"], train_labels=feats["labels"],
         twin_ids=tuple(twin["ids"]), twin_columns=dict(twin["columns"]), twin_easy=twin["easy"],
-        class_rates=twin["class_rates"], twin_margins=twin["margins"],
+        class_rates=twin["class_rates"], twin_margins=twin["margins"], twin_logits=twin["logits"],
+        reference_counts=twin["reference_counts"],
         twin_state=_load(workdir / "twin_model.pt")["state_dict"] if "twin_model.pt" in manifest.get("files", ())
         else {}, cf_state=cf["state_dict"],
         cf_ids=tuple(cf["ids"]), classifier=clf, info=info,

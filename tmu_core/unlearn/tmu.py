@@ -30,7 +30,7 @@ from tmu_core.unlearn.common import (
     subset_rows,
 )
 from tmu_core.unlearn.data import UnlearnData
-from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy
+from tmu_core.unlearn.easy_hard import EasyHardMLP, predict_easy, shift_scale
 from tmu_core.unlearn.features import assemble, curriculum_feature
 from tmu_core.unlearn.forget_tune import TuneSet, forget_finetune
 from tmu_core.unlearn.options import TmuOptions
@@ -143,8 +143,9 @@ class TmuMethod(UnlearnMethod):
         mark = time.perf_counter()
         forget_images, forget_labels = data.tensors("forget")
         clf, columns, cf_info = self._request_features(model, meta, data, prepared, device)
+        scale, shift_info = self._shift_scale(data, prepared, forget_labels)
         predicted = predict_easy(clf, assemble(columns, self.options.features, self.options.log_losses),
-                                 self.options.easy_rule, columns["prior"])
+                                 self.options.easy_rule, columns["prior"], scale)
         timings["features_and_classifier"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -164,7 +165,7 @@ class TmuMethod(UnlearnMethod):
             "prepared": source, "predicted_hard": len(hard_ids), "predicted_easy": int(easy_rows.numel()),
             "features": list(self.options.features), "easy_rule": self.options.easy_rule,
             "easy_target": self.options.easy_target,
-            "cf_per_request": self.options.cf_per_request,
+            "cf_per_request": self.options.cf_per_request, "prior_shift": shift_info,
             "steps": tuned.steps, "stop_reason": tuned.stop_reason, "tune": asdict(tuned),
             "timings": timings, "prepared_info": prepared.info, **cf_info,
         }
@@ -196,6 +197,24 @@ class TmuMethod(UnlearnMethod):
             twin_columns["cf"] = curriculum_feature(cf_model, twin_images, twin_labels, device).cpu()
         clf = fit_twin_classifier(twin_columns, prepared.twin_easy, self.options, device)
         return clf, columns, {"cf_model": "per_request", "cf_seconds": time.perf_counter() - mark}
+
+    def _shift_scale(self, data: UnlearnData, prepared: PreparedTmu,
+                     forget_labels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+        """Each forget sample's class factor from :func:`tmu_core.unlearn.easy_hard.shift_scale` (None when
+        ``prior_shift`` is off), and what it used: the temperature and the factor and kept share of each class
+        of D_f."""
+        if not self.options.prior_shift:
+            return None, None
+        classes = prepared.twin_logits.shape[1]
+        kept = torch.bincount(self._labels_of(data, data.retain_ids, prepared).cpu().long(), minlength=classes)
+        reference = prepared.reference_counts.float()
+        share = torch.where(reference > 0, kept[:classes].float() / reference.clamp_min(1.0), torch.ones(classes))
+        factors, temperature = shift_scale(prepared.twin_logits, data.labels_of(data.twin_ids), share.clamp(max=1.0))
+        labels = forget_labels.cpu().long().clamp(max=classes - 1)
+        info = {"temperature": temperature, "classes": {
+            int(c): {"kept_share": round(float(share[c]), 4), "factor": round(float(factors[c]), 4)}
+            for c in labels.unique().tolist()}}
+        return factors[labels], info
 
     def _original_features(self, model: nn.Module, data: UnlearnData, ids: tuple[str, ...], prepared: PreparedTmu,
                            device: torch.device) -> torch.Tensor:

@@ -159,13 +159,15 @@ class OriginalSide(NamedTuple):
     class_rates: torch.Tensor
     twin_prior: torch.Tensor
     twin_margins: torch.Tensor
+    twin_logits: torch.Tensor
+    train_counts: torch.Tensor
 
 
 def original_side(model: nn.Module, data: UnlearnData, device: torch.device) -> OriginalSide:
     """The training ids and labels (:func:`training_ids`), their (N, D) penultimate features under M_o (one pass,
     a batch at a time, on the CPU), and M_o on the twin samples: which it classifies correctly (their easy
-    labels), the per-class easy rates and each twin sample's leave-one-out rate (:func:`class_prior`), and
-    its logit margins."""
+    labels), the per-class easy rates and each twin sample's leave-one-out rate (:func:`class_prior`), its
+    logits and logit margins; and the training samples of each class."""
     train_ids, train_labels = training_ids(data)
     twin_images, twin_labels = data.tensors("twin")
     train_feats = features_over(model, data.batches(train_ids), len(train_ids), device)
@@ -173,8 +175,9 @@ def original_side(model: nn.Module, data: UnlearnData, device: torch.device) -> 
     twin_easy = twin_logits.argmax(dim=1) == twin_labels.cpu()
     num_classes = int(max(train_labels.max(), twin_labels.max())) + 1
     class_rates, twin_prior = class_prior(twin_labels, twin_easy, num_classes)
+    train_counts = torch.bincount(train_labels.cpu().long(), minlength=twin_logits.shape[1])
     return OriginalSide(train_ids, train_labels, train_feats, twin_easy, class_rates, twin_prior,
-                        logit_margin(twin_logits, twin_labels.cpu()))
+                        logit_margin(twin_logits, twin_labels.cpu()), twin_logits, train_counts)
 
 
 def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuOptions, device: torch.device,
@@ -231,7 +234,8 @@ def build_prepared(model: nn.Module, meta: Any, data: UnlearnData, options: TmuO
                 twin_fit["epochs"], info["twin_easy_rate"], timings["total"])
     return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
                        twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=side.class_rates,
-                       twin_margins=side.twin_margins,
+                       twin_margins=side.twin_margins, twin_logits=side.twin_logits,
+                       reference_counts=side.train_counts,
                        twin_state={k: v.detach().cpu() for k, v in twin_model.state_dict().items()},
                        cf_state={k: v.detach().cpu() for k, v in cf_model.state_dict().items()},
                        cf_ids=cf_ids, classifier=clf, info=info)
@@ -278,7 +282,8 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
     - Recomputed under ``model``: the training features (one pass over the new training set, which has no row
       of a forgotten id).
     - The held-out measurements (which twin samples M_o classifies correctly, hence the class rates and the
-      twin "prior" column, and its logit margins on them): kept from the parent with ``reference="lineage"``,
+      twin "prior" column, its logits and logit margins on them, and the class counts of the training set it
+      was measured with): kept from the parent with ``reference="lineage"``,
       so that every version of a chain of updates compares with the version its last full build was made for;
       recomputed under ``model`` with ``reference="version"``. A retrained model keeps the held-out accuracy
       of the model it replaces; an approximate version that drifted below it would otherwise make its own
@@ -314,12 +319,15 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
 
     mark = time.perf_counter()
     columns = dict(parent.twin_columns)
-    held_out = ["twin_easy", "class_rates", "twin_margins"] + (["twin_columns.prior"] if "prior" in columns else [])
+    held_out = ["twin_easy", "class_rates", "twin_margins", "twin_logits", "reference_counts"] + (
+        ["twin_columns.prior"] if "prior" in columns else [])
     if options.reference == "lineage":
         twin_easy, class_rates, twin_margins = parent.twin_easy, parent.class_rates, parent.twin_margins
+        twin_logits, reference_counts = parent.twin_logits, parent.reference_counts
         recomputed, kept = ["train_features"], held_out
     else:
         twin_easy, class_rates, twin_margins = side.twin_easy, side.class_rates, side.twin_margins
+        twin_logits, reference_counts = side.twin_logits, side.train_counts
         if "prior" in columns:
             columns["prior"] = side.twin_prior
         recomputed, kept = ["train_features", *held_out], []
@@ -348,5 +356,6 @@ def update_prepared(parent: PreparedTmu, model: nn.Module, meta: Any, data: Unle
                 "retrained" if "cf_model" in recomputed else "kept", timings["total"])
     return PreparedTmu(key=key, train_ids=train_ids, train_features=train_feats.cpu(), train_labels=train_labels.cpu(),
                        twin_ids=data.twin_ids, twin_columns=columns, twin_easy=twin_easy, class_rates=class_rates,
-                       twin_margins=twin_margins, twin_state={}, cf_state=cf_state, cf_ids=cf_ids,
+                       twin_margins=twin_margins, twin_logits=twin_logits, reference_counts=reference_counts,
+                       twin_state={}, cf_state=cf_state, cf_ids=cf_ids,
                        classifier=parent.classifier, info=info)
