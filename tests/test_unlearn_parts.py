@@ -516,6 +516,28 @@ def test_consolidation_steps_run_only_after_the_run_is_aligned_and_keep_the_requ
                                                      plain.state_dict().values()))  # the extra steps moved it
 
 
+def test_consolidation_that_drags_easy_samples_across_the_boundary_is_followed_by_steps_that_realign_the_run():
+    """Easy class-0 samples right beside the hard ones: the consolidation steps' hinge on the hard samples takes
+    the easy ones across the boundary too, and two-sided steps bring them back; where no step can (a target the
+    boundary between them does not allow), they stop after ``consolidate_steps``."""
+    model, hard, _ = _two_blob_model()
+    gen = generator(5)
+    beside = (torch.full((6, 3, 2, 2), 105.0) + torch.randn((6, 3, 2, 2), generator=gen) * 4).clamp(0, 255)
+    labels = torch.zeros(6, dtype=torch.long)
+    cfg = TuneConfig(lr=0.05, max_steps=100, optimizer="sgd", noise_std=0.0, margin=4.0, retain_weight=0.0,
+                     consolidate_steps=30, tolerance=0.0)
+    easy = TuneSet(beside.to(torch.uint8), labels, torch.zeros(6))
+    result = forget_finetune(copy.deepcopy(model), hard, easy, None, cfg, DEVICE)
+    assert result.stop_reason == "aligned" and result.consolidated_steps == 30 and result.realigned_steps > 0
+    assert result.hard_accuracy_after == 0.0 and result.easy_accuracy_after == 100.0
+    left = forget_finetune(copy.deepcopy(model), hard, easy, None, TuneConfig(**{**cfg.__dict__, "realign": False}),
+                           DEVICE)
+    assert left.stop_reason == "aligned" and left.realigned_steps == 0 and left.easy_accuracy_after < 100.0
+    bound = forget_finetune(copy.deepcopy(model), hard, TuneSet(easy.images, labels, torch.full((6,), 0.5)), None,
+                            TuneConfig(**{**cfg.__dict__, "lr": 0.1}), DEVICE)
+    assert bound.stop_reason == "aligned" and bound.realigned_steps == 30 and bound.easy_accuracy_after < 100.0
+
+
 def test_the_one_sided_easy_term_pulls_down_margins_above_the_target_and_back_across_the_boundary_only():
     logits = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # margins 5, 1 and -2 for label 0
     part = TuneSet(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),

@@ -49,7 +49,11 @@ down, and one that turned wrong is pushed back, but one between the boundary and
 the hinge and the retain term as before. With the hard samples past their margin the
 loss is then mostly the KL term, which pulls the function on retained samples back to where the request
 started: what the forget steps cost elsewhere is repaired instead of left behind. A request that stops as soon
-as it is aligned keeps that cost, and on a stream of small requests the costs add up.
+as it is aligned keeps that cost, and on a stream of small requests the costs add up. Consolidation ends aligned:
+when its last step leaves more than ``tolerance`` of the forget samples misaligned (on a class-sized request the
+hinge on the hard samples can drag the easy samples of the same class across the boundary), steps with the
+two-sided easy term follow until the run is aligned again, at most ``consolidate_steps`` of them
+(``realigned_steps`` in the result).
 
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
@@ -122,6 +126,8 @@ class TuneConfig:
             ends the run (None: not checked; ignored when the easy samples carry no targets).
         consolidate_steps: steps after the run is aligned, with the easy term one-sided (see the module
             docstring); they do not count towards ``max_steps``.
+        realign: after the consolidation steps, take two-sided steps while more than ``tolerance`` of the forget
+            samples are misaligned, at most ``consolidate_steps`` (False: end after the consolidation steps).
         seed: noise and batch sampling.
     """
 
@@ -148,6 +154,7 @@ class TuneConfig:
     warmup_steps: int = 0
     easy_slack: float | None = None
     consolidate_steps: int = 0
+    realign: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -219,6 +226,7 @@ class TuneResult:
     guard_level: float | None = None
     easy_excess_after: float | None = None
     consolidated_steps: int = 0
+    realigned_steps: int = 0
 
 
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
@@ -421,16 +429,30 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
     return taken
 
 
+def _misaligned(model: nn.Module, hard: TuneSet, easy: TuneSet, easy_start: torch.Tensor,
+                device: torch.device) -> int:
+    """Hard samples still classified correctly plus easy samples correct at the start and wrong now."""
+    easy_now, _ = _easy_state(model, easy, device)
+    return int(_correct(model, hard, device).sum()) + int((~easy_now & easy_start).sum())
+
+
 def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneSet, easy: TuneSet,
                  retain: TuneSet | None, anchor: nn.Module | None, config: TuneConfig, gen: torch.Generator,
-                 device: torch.device) -> int:
-    """``config.consolidate_steps`` steps after the run is aligned, the easy term one-sided (see the module
-    docstring); returns how many were taken."""
+                 device: torch.device, easy_start: torch.Tensor, budget: float) -> tuple[int, int]:
+    """``config.consolidate_steps`` steps after the run is aligned, the easy term one-sided, then two-sided steps
+    while more than ``budget`` forget samples are misaligned (see the module docstring); returns how many of each
+    were taken."""
     for step in range(config.consolidate_steps):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True)
             _descend(optimiser, loss, config.lr, step, config)
-    return config.consolidate_steps
+    realigned = 0
+    while config.realign and realigned < config.consolidate_steps and _misaligned(model, hard, easy, easy_start, device) > budget:
+        with _bn_mode(model, config.bn):
+            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+            _descend(optimiser, loss, config.lr, config.consolidate_steps + realigned, config)
+        realigned += 1
+    return config.consolidate_steps, realigned
 
 
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
@@ -494,9 +516,10 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         steps += 1
         if keeper is not None and config.guard_mode == "repair":
             steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps)
-    consolidated = 0
+    consolidated = realigned = 0
     if reason == "aligned" and config.consolidate_steps:
-        consolidated = _consolidate(model, optimiser, hard, easy, retain, anchor, config, gen, device)
+        consolidated, realigned = _consolidate(model, optimiser, hard, easy, retain, anchor, config, gen, device,
+                                               easy_start, budget)
         hard_now, easy_lost = _correct(model, hard, device), None
         if keeper is not None:
             keeper.now = keeper.accuracy()
@@ -507,4 +530,4 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
                       _accuracy(easy_now), time.perf_counter() - started,
                       keeper.start if keeper else None, keeper.now if keeper else None,
                       keeper.refused if keeper else 0, keeper.level if keeper else None,
-                      excess if easy.margin_target is not None else None, consolidated)
+                      excess if easy.margin_target is not None else None, consolidated, realigned)

@@ -159,7 +159,8 @@ class TmuOptions:
             ``easy_hard.shift_scale``); False: the rates as measured.
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
-            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps: the unlearning
+            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign: the
+            unlearning
             fine-tune
             (see :class:`TuneConfig`).
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
@@ -220,6 +221,7 @@ class TmuOptions:
     warmup_steps: int = TuneConfig.warmup_steps
     easy_slack: float | None = 0.25
     consolidate_steps: int = 60
+    realign: bool = TuneConfig.realign
     guard_size: int = 256
     guard_max_samples: int | None = 32
 
