@@ -79,8 +79,8 @@ def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
     """Flipped-label samples are hard by construction; the classifier must find them better than chance. (The
     construction ignores that a gold without 30 of a class's 40 samples loses more of it: no prior shift.)"""
     forget = prob.forget_ids(1, 30, seed=1)
-    outcome = get_method("tmu", max_steps=1, prior_shift=False, **{k: v for k, v in FAST.items() if k != "max_steps"}).unlearn(
-        prob.model, prob.meta, prob.data(forget), DEVICE, None)
+    options = {**FAST, "max_steps": 1, "prior_shift": False}
+    outcome = get_method("tmu", **options).unlearn(prob.model, prob.meta, prob.data(forget), DEVICE, None)
     predicted = [i in set(outcome.predicted_hard_ids) for i in forget]
     truth = [i in prob.flipped for i in forget]
     agree = sum(p == t for p, t in zip(predicted, truth)) / len(forget)

@@ -239,7 +239,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(grid[int(losses.argmin())])
 
 
-def shift_scale(twin_logits: torch.Tensor, twin_labels: torch.Tensor, kept_share: torch.Tensor) -> tuple[torch.Tensor, float]:
+def shift_scale(twin_logits: torch.Tensor, twin_labels: torch.Tensor,
+                kept_share: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Per class, how much its easy rate on the twin images falls when each class's share of the training set is
     multiplied by ``kept_share`` (see the module docstring).
 
@@ -258,7 +259,8 @@ def shift_scale(twin_logits: torch.Tensor, twin_labels: torch.Tensor, kept_share
     """
     classes = twin_logits.shape[-1] if twin_logits.dim() == 2 else 0
     if kept_share.shape != (classes,):
-        raise InvalidInputError(f"shift_scale: expected one kept share a class ({classes}), got {tuple(kept_share.shape)}")
+        raise InvalidInputError(f"shift_scale: expected one kept share a class ({classes}), "
+                                f"got {tuple(kept_share.shape)}")
     temperature = fit_temperature(twin_logits, twin_labels)
     logits, labels = twin_logits.detach().float().cpu(), twin_labels.cpu().long()
     before = logits.argmax(dim=1) == labels

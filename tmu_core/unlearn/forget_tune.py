@@ -447,7 +447,8 @@ def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneS
             loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True)
             _descend(optimiser, loss, config.lr, step, config)
     realigned = 0
-    while config.realign and realigned < config.consolidate_steps and _misaligned(model, hard, easy, easy_start, device) > budget:
+    while (config.realign and realigned < config.consolidate_steps
+           and _misaligned(model, hard, easy, easy_start, device) > budget):
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
             _descend(optimiser, loss, config.lr, config.consolidate_steps + realigned, config)

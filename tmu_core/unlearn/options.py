@@ -174,9 +174,7 @@ class TmuOptions:
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
             guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign: the
-            unlearning
-            fine-tune
-            (see :class:`TuneConfig`).
+            unlearning fine-tune (see :class:`TuneConfig`).
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
         guard_max_samples: the largest request the guard watches (None: every request).
     """
