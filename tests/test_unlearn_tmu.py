@@ -116,6 +116,27 @@ def test_prepare_is_reused_from_memory_and_from_disk(prob, tmp_path):
     assert again.details["timings"]["prepare"] < outcome.details["prepared_info"]["timings"]["total"]
 
 
+def test_a_prepared_state_of_the_previous_format_is_rebuilt_not_read(prob, tmp_path):
+    """A state written before the twin logits were kept (format 3: no ``logits``, no ``reference_counts``) is left
+    unread: the next request builds the state again and runs, and the folder then holds the current format."""
+    import json
+
+    import tmu_core.unlearn.prepared as prepared_module
+
+    prep = prob.data(())
+    get_method("tmu", **FAST).prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
+    twin_file = tmp_path / "twin_problem.pt"
+    old = torch.load(twin_file, weights_only=True)
+    torch.save({k: v for k, v in old.items() if k not in ("logits", "reference_counts")}, twin_file)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": 3}))
+    later = get_method("tmu", **FAST)
+    outcome = later.unlearn(prob.model, prob.meta, prob.data(prob.forget_ids(1, 10)), DEVICE, tmp_path)
+    assert outcome.details["prepared"] == "built" and later.builds == 1
+    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == prepared_module.FORMAT
+    assert "logits" in torch.load(twin_file, weights_only=True)
+
+
 def test_prepare_rebuilds_when_the_model_or_options_change(prob, tmp_path):
     prep = prob.data(())
     get_method("tmu", **FAST).prepare(prob.model, prob.meta, prep, DEVICE, tmp_path)
