@@ -538,6 +538,29 @@ def test_consolidation_that_drags_easy_samples_across_the_boundary_is_followed_b
     assert bound.stop_reason == "aligned" and bound.realigned_steps == 30 and bound.easy_accuracy_after < 100.0
 
 
+def test_the_held_out_anchor_keeps_the_model_s_outputs_on_held_out_images_where_the_reference_had_them():
+    """Forgetting the hard samples moves the boundary past the held-out class-0 images beside them (the fault: the
+    accuracy a stream of requests loses on images nobody trained on); with ``held_out_weight`` the KL term towards
+    the reference logits on those images keeps them, and the request still ends aligned."""
+    model, hard, easy = _two_blob_model()
+    held = _guard_near_the_hard_samples(100)
+    with torch.no_grad():
+        reference = model(held.images.float() / 255)
+    held = TuneSet(held.images, held.labels, reference_logits=reference)
+    cfg = TuneConfig(lr=0.1, max_steps=60, min_steps=40, optimizer="sgd", retain_weight=0.0, noise_std=0.0,
+                     easy_weight=0.0, margin=8.0)
+    loose = copy.deepcopy(model)
+    result = forget_finetune(loose, hard, easy, None, cfg, DEVICE, held_out=held)  # weight 0: the set is not used
+    assert result.hard_accuracy_after == 0.0 and _guard_accuracy(loose, held) < 50.0
+    anchored = copy.deepcopy(model)
+    result = forget_finetune(anchored, hard, easy, None, TuneConfig(**{**cfg.__dict__, "held_out_weight": 1.0}),
+                             DEVICE, held_out=held)
+    assert result.stop_reason == "aligned" and result.hard_accuracy_after == 0.0
+    assert _guard_accuracy(anchored, held) == 100.0
+    with pytest.raises(InvalidInputError, match="reference logits, one row an image"):
+        forget_finetune(model, hard, easy, None, cfg, DEVICE, held_out=TuneSet(held.images, held.labels))
+
+
 def test_the_one_sided_easy_term_pulls_down_margins_above_the_target_and_back_across_the_boundary_only():
     logits = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # margins 5, 1 and -2 for label 0
     part = TuneSet(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),

@@ -75,6 +75,25 @@ def test_tmu_guards_held_out_accuracy_during_its_fine_tune_of_a_small_request(pr
         1.0, "repair", 20, 32)
 
 
+def test_tmu_s_held_out_anchor_holds_the_twin_images_the_guard_does_not_measure(prob):
+    data = prob.data(prob.forget_ids(0, 20))
+    twin = list(data.twin_ids)
+    options = {**FAST, "guard_drop": 2.0, "guard_size": len(twin) // 2, "min_steps": 10}
+    images, _ = data.load(twin)
+
+    def drift(model):  # KL from the prepared state's reference (the original's logits) on every twin image
+        reference, now = (torch.log_softmax(m(images.float() / 255), 1) for m in (prob.model, model))
+        return float(torch.nn.functional.kl_div(now, reference, log_target=True, reduction="batchmean"))
+
+    loose = get_method("tmu", **options).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert loose.details["twin_images"] == {"guard": len(twin) // 2, "held_out": 0}
+    anchored = get_method("tmu", **options, held_out_weight=10.0).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert anchored.details["twin_images"] == {"guard": len(twin) // 2, "held_out": len(twin) - len(twin) // 2}
+    with torch.no_grad():
+        assert drift(anchored.model) < drift(loose.model) / 2
+    assert get_method("tmu").options.held_out_weight == 0.0
+
+
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
     """Flipped-label samples are hard by construction; the classifier must find them better than chance. (The
     construction ignores that a gold without 30 of a class's 40 samples loses more of it: no prior shift.)"""

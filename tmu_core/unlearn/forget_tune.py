@@ -55,6 +55,12 @@ hinge on the hard samples can drag the easy samples of the same class across the
 two-sided easy term follow until the run is aligned again, at most ``consolidate_steps`` of them
 (``realigned_steps`` in the result).
 
+Held-out anchor (``held_out_weight``, 0: off): a KL term on a batch of held-out images (TMU passes the twin images
+the guard does not measure) towards reference logits the caller gives (TMU gives the lineage's version's, kept in
+its prepared state). The retain term holds the function on training samples, where the model is saturated and a
+step's cost is hardly seen; what a stream of small requests loses is accuracy on images it was never trained on,
+and this term measures the model there, against the version whose accuracy the stream should keep.
+
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
 have the scale of ordinary training) and still leaves the running statistics unchanged.
@@ -74,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmu_core.device import generator
-from tmu_core.errors import DivergedError
+from tmu_core.errors import DivergedError, InvalidInputError
 from tmu_core.unlearn.base import check_choice, check_range
 from tmu_core.unlearn.common import as_input, correct_of, eval_mode, logits_of, sgd
 from tmu_core.unlearn.data import LazyImages
@@ -128,6 +134,8 @@ class TuneConfig:
             docstring); they do not count towards ``max_steps``.
         realign: after the consolidation steps, take two-sided steps while more than ``tolerance`` of the forget
             samples are misaligned, at most ``consolidate_steps`` (False: end after the consolidation steps).
+        held_out_weight: weight of the KL term towards reference logits on a batch of held-out images (0: off;
+            ``retain_batch`` images a step; see the module docstring).
         seed: noise and batch sampling.
     """
 
@@ -155,6 +163,7 @@ class TuneConfig:
     easy_slack: float | None = None
     consolidate_steps: int = 0
     realign: bool = True
+    held_out_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -184,6 +193,7 @@ class TuneConfig:
         if self.easy_slack is not None:
             check_range(owner, "easy_slack", self.easy_slack, 0.0)
         check_range(owner, "consolidate_steps", self.consolidate_steps, 0)
+        check_range(owner, "held_out_weight", self.held_out_weight, 0.0)
 
     def rate(self, step: int) -> float:
         """The learning rate of step ``step`` (counted from 0), before any halving by the guard."""
@@ -193,7 +203,7 @@ class TuneConfig:
 @dataclass(frozen=True)
 class TuneSet:
     """uint8 images (N, C, H, W) and labels (N,) of one group of samples (may be empty), and optionally a
-    target logit margin (N,) for each sample of the easy group.
+    target logit margin (N,) for each sample of the easy group, or reference logits (N, K) for each held-out image.
 
     ``images`` is a tensor, or :class:`tmu_core.unlearn.data.LazyImages` for retained samples: a step then
     reads only the batch it draws.
@@ -202,6 +212,7 @@ class TuneSet:
     images: torch.Tensor | LazyImages
     labels: torch.Tensor
     margin_target: torch.Tensor | None = None
+    reference_logits: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -244,10 +255,11 @@ def _pick(part: TuneSet, count: int, gen: torch.Generator) -> TuneSet:
     """``count`` random samples of ``part`` (all of it when it has no more), with their images read."""
     if count >= part.size:
         return part if isinstance(part.images, torch.Tensor) else TuneSet(part.images[:], part.labels,
-                                                                           part.margin_target)
+                                                                           part.margin_target, part.reference_logits)
     rows = torch.randperm(part.size, generator=gen)[:count] if count > 0 else torch.zeros(0, dtype=torch.long)
     target = part.margin_target[rows] if part.margin_target is not None else None
-    return TuneSet(part.images[rows], part.labels[rows], target)
+    reference = part.reference_logits[rows] if part.reference_logits is not None else None
+    return TuneSet(part.images[rows], part.labels[rows], target, reference)
 
 
 def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -272,17 +284,23 @@ def _retain_term(logits: torch.Tensor, part: TuneSet, anchor: nn.Module | None, 
     if config.retain_loss == "ce" or anchor is None:
         return F.cross_entropy(logits, part.labels.to(device))
     with torch.no_grad(), eval_mode(anchor):
-        target = F.softmax(anchor(as_input(part.images, device)), dim=1)
-    return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        target = anchor(as_input(part.images, device))
+    return _kl(logits, target)
+
+
+def _kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)), the batch mean."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(target_logits, dim=1), reduction="batchmean")
 
 
 def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
                config: TuneConfig, gen: torch.Generator, device: torch.device,
-               one_sided: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               one_sided: bool = False, held_out: TuneSet | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step's objective, and, when it comes for free, which hard samples the model classifies correctly.
 
-    The hard, easy and retain batches go through the model together (so batch statistics, in ``bn="batch"``,
-    mix them). In eval mode with all hard samples in the batch, their correctness comes from this forward pass.
+    The hard, easy, retain and held-out batches go through the model together (so batch statistics, in
+    ``bn="batch"``, mix them). In eval mode with all hard samples in the batch, their correctness comes from this
+    forward pass.
     """
     share = config.batch_size / max(1, hard.size + easy.size)
     hard_b = _pick(hard, max(1, round(hard.size * share)), gen)
@@ -290,12 +308,15 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
     easy_b = _pick(easy, easy_count, gen)
     use_retain = retain is not None and retain.size > 0 and config.retain_weight > 0
     retain_b = _pick(retain, config.retain_batch, gen) if use_retain else _pick(hard, 0, gen)
+    use_held = held_out is not None and held_out.size > 0 and config.held_out_weight > 0
+    held_b = _pick(held_out, config.retain_batch, gen) if use_held else _pick(hard, 0, gen)
     easy_x = as_input(easy_b.images, device)
     if config.noise_std > 0 and easy_b.size:
         easy_x = easy_x + (config.noise_std / 255.0) * torch.randn(easy_x.shape, generator=gen).to(device)
-    groups = (as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device))
-    hard_logits, easy_logits, retain_logits = model(torch.cat(groups)).split(
-        [hard_b.size, easy_b.size, retain_b.size])
+    groups = (as_input(hard_b.images, device), easy_x, as_input(retain_b.images, device),
+              as_input(held_b.images, device))
+    hard_logits, easy_logits, retain_logits, held_logits = model(torch.cat(groups)).split(
+        [hard_b.size, easy_b.size, retain_b.size, held_b.size])
     loss = torch.zeros((), device=device)
     if hard_b.size:
         loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
@@ -303,6 +324,8 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
         loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device, one_sided)
     if retain_b.size:
         loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
+    if held_b.size:
+        loss = loss + config.held_out_weight * _kl(held_logits, held_b.reference_logits.to(device))
     if config.bn == "frozen" and hard_b.size == hard.size:
         return loss, hard_logits.detach().argmax(1) == hard.labels.to(device)
     return loss, None
@@ -413,7 +436,8 @@ def _descend(optimiser: torch.optim.Optimizer, loss: torch.Tensor, rate: float, 
 
 
 def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-            config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int) -> int:
+            config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int,
+            held_out: TuneSet | None = None) -> int:
     """Steps on retained and predicted-easy samples only while the guard set is more than ``guard_drop`` points
     below the guard's level (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
     taken = 0
@@ -421,7 +445,7 @@ def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | N
     while (taken < config.guard_repairs and steps + taken < config.max_steps
            and keeper.accuracy() < keeper.level - config.guard_drop):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device)
+            loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device, held_out=held_out)
             _descend(keeper.optimiser, loss, config.rate(steps + taken), steps + taken, config)
         taken += 1
     keeper.refused += taken
@@ -438,19 +462,21 @@ def _misaligned(model: nn.Module, hard: TuneSet, easy: TuneSet, easy_start: torc
 
 def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneSet, easy: TuneSet,
                  retain: TuneSet | None, anchor: nn.Module | None, config: TuneConfig, gen: torch.Generator,
-                 device: torch.device, easy_start: torch.Tensor, budget: float) -> tuple[int, int]:
+                 device: torch.device, easy_start: torch.Tensor, budget: float,
+                 held_out: TuneSet | None = None) -> tuple[int, int]:
     """``config.consolidate_steps`` steps after the run is aligned, the easy term one-sided, then two-sided steps
     while more than ``budget`` forget samples are misaligned (see the module docstring); returns how many of each
     were taken."""
     for step in range(config.consolidate_steps):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True)
+            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True,
+                                 held_out=held_out)
             _descend(optimiser, loss, config.lr, step, config)
     realigned = 0
     while (config.realign and realigned < config.consolidate_steps
            and _misaligned(model, hard, easy, easy_start, device) > budget):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, held_out=held_out)
             _descend(optimiser, loss, config.lr, config.consolidate_steps + realigned, config)
         realigned += 1
     return config.consolidate_steps, realigned
@@ -458,7 +484,8 @@ def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneS
 
 def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None,
                     config: TuneConfig, device: torch.device, anchor: nn.Module | None = None,
-                    guard: TuneSet | None = None, guard_level: float | None = None) -> TuneResult:
+                    guard: TuneSet | None = None, guard_level: float | None = None,
+                    held_out: TuneSet | None = None) -> TuneResult:
     """Fine-tune ``model`` in place so that predicted-hard samples are misclassified and easy ones kept.
 
     Args:
@@ -472,10 +499,19 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         guard: held-out images for ``config.guard_drop`` (no guard when None, empty, or ``guard_drop`` is None).
         guard_level: accuracy (percent) on ``guard`` that ``guard_mode="repair"`` keeps the model within
             ``guard_drop`` of (None: the model's accuracy at the start); ``"halve"`` always uses the start.
+        held_out: held-out images with ``reference_logits`` for ``config.held_out_weight`` (None: no such term).
+
+    Raises:
+        InvalidInputError: ``held_out`` has no reference logits, or not one row of them an image.
 
     Returns:
         Steps, stop reason and accuracies before and after; the model ends in eval mode.
     """
+    if held_out is not None and (held_out.reference_logits is None
+                                 or held_out.reference_logits.shape[0] != held_out.size):
+        raise InvalidInputError(f"forget_finetune: the held-out set needs reference logits, one row an image "
+                                f"({held_out.size}), got "
+                                f"{None if held_out.reference_logits is None else tuple(held_out.reference_logits.shape)}")
     started = time.perf_counter()
     gen, optimiser = generator(config.seed), _optimiser(model, config)
     level = guard_level if config.guard_mode == "repair" else None
@@ -486,7 +522,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     budget = config.tolerance * (hard.size + easy.size)
     while True:
         with _bn_mode(model, config.bn):
-            loss, hard_now = _step_loss(model, hard, easy, retain, anchor, config, gen, device)
+            loss, hard_now = _step_loss(model, hard, easy, retain, anchor, config, gen, device, held_out=held_out)
         _check_finite(loss, steps, config)
         if hard_now is None:
             hard_now = _correct(model, hard, device)
@@ -516,11 +552,11 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
                 break
         steps += 1
         if keeper is not None and config.guard_mode == "repair":
-            steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps)
+            steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps, held_out)
     consolidated = realigned = 0
     if reason == "aligned" and config.consolidate_steps:
         consolidated, realigned = _consolidate(model, optimiser, hard, easy, retain, anchor, config, gen, device,
-                                               easy_start, budget)
+                                               easy_start, budget, held_out)
         hard_now, easy_lost = _correct(model, hard, device), None
         if keeper is not None:
             keeper.now = keeper.accuracy()

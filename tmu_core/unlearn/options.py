@@ -173,8 +173,9 @@ class TmuOptions:
             ``easy_hard.shift_scale``); False: the rates as measured.
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
-            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign: the
-            unlearning fine-tune (see :class:`TuneConfig`).
+            guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign,
+            held_out_weight: the unlearning fine-tune (see :class:`TuneConfig`); TMU's held-out anchor images are
+            the twin images its guard does not measure, their reference the prepared state's logits on them.
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
         guard_max_samples: the largest request the guard watches (None: every request).
     """
@@ -234,6 +235,7 @@ class TmuOptions:
     easy_slack: float | None = 0.25
     consolidate_steps: int = 60
     realign: bool = TuneConfig.realign
+    held_out_weight: float = TuneConfig.held_out_weight
     guard_size: int = 256
     guard_max_samples: int | None = 32
 

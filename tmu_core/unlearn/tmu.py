@@ -154,9 +154,9 @@ class TmuMethod(UnlearnMethod):
         hard = TuneSet(forget_images[hard_rows], forget_labels[hard_rows])
         easy_labels = forget_labels[easy_rows]
         easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(prepared, data, easy_labels))
-        guard, guard_level = self._guard_set(data, prepared)
+        guard, guard_level, held_out = self._twin_sets(data, prepared)
         tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
-                                anchor=model, guard=guard, guard_level=guard_level)
+                                anchor=model, guard=guard, guard_level=guard_level, held_out=held_out)
         timings["fine_tune"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - started
 
@@ -166,6 +166,7 @@ class TmuMethod(UnlearnMethod):
             "features": list(self.options.features), "easy_rule": self.options.easy_rule,
             "easy_target": self.options.easy_target,
             "cf_per_request": self.options.cf_per_request, "prior_shift": shift_info,
+            "twin_images": {"guard": guard.size if guard else 0, "held_out": held_out.size if held_out else 0},
             "steps": tuned.steps, "stop_reason": tuned.stop_reason, "tune": asdict(tuned),
             "timings": timings, "prepared_info": prepared.info, **cf_info,
         }
@@ -261,21 +262,36 @@ class TmuMethod(UnlearnMethod):
                 targets[labels == label] = level(margins[mine])
         return targets
 
-    def _guard_set(self, data: UnlearnData, prepared: PreparedTmu) -> tuple[TuneSet | None, float | None]:
-        """Up to ``guard_size`` held-out twin images for the fine-tune's guard (None when it is off, or when the
-        request has more than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`), and with
-        ``reference="lineage"`` the accuracy on them of the version the prepared state's last full build was
-        made for (the level the guard's repair steps restore)."""
+    def _twin_sets(self, data: UnlearnData, prepared: PreparedTmu
+                   ) -> tuple[TuneSet | None, float | None, TuneSet | None]:
+        """The twin (held-out) images the fine-tune measures and holds:
+
+        - the guard's: up to ``guard_size`` of them (None when the guard is off, or when the request has more
+          than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`), and with
+          ``reference="lineage"`` the accuracy on them of the version the prepared state's last full build was
+          made for (the level the guard's repair steps restore);
+        - the held-out anchor's (``held_out_weight > 0``, else None): the others, with the prepared state's logits
+          on them (the lineage's version's with ``reference="lineage"``). The guard never measures an image the
+          fine-tune trains on.
+        """
         opts = self.options
-        if opts.guard_drop is None or (opts.guard_max_samples is not None
-                                       and len(data.forget_ids) > opts.guard_max_samples):
-            return None, None
+        guarded = opts.guard_drop is not None and (opts.guard_max_samples is None
+                                                   or len(data.forget_ids) <= opts.guard_max_samples)
+        if not guarded and opts.held_out_weight <= 0:
+            return None, None, None
         images, labels = data.tensors("twin")
         rows = subset_rows(labels.numel(), min(1.0, opts.guard_size / max(labels.numel(), 1)), opts.seed + 8)
-        if not rows.numel():
-            return None, None
-        level = 100.0 * prepared.twin_easy[rows].float().mean().item() if opts.reference == "lineage" else None
-        return TuneSet(images[rows], labels[rows]), level
+        guard = level = held_out = None
+        if guarded and rows.numel():
+            guard = TuneSet(images[rows], labels[rows])
+            if opts.reference == "lineage":
+                level = 100.0 * prepared.twin_easy[rows].float().mean().item()
+        if opts.held_out_weight > 0:
+            others = torch.ones(labels.numel(), dtype=torch.bool)
+            others[rows] = False
+            rest = others.nonzero().squeeze(1)
+            held_out = TuneSet(images[rest], labels[rest], reference_logits=prepared.twin_logits[rest])
+        return guard, level, held_out
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
         """A random sample of D_r big enough for every step's retain batch (None without a retain term); each
