@@ -85,13 +85,13 @@ def test_tmu_s_held_out_anchor_holds_the_twin_images_the_guard_does_not_measure(
         reference, now = (torch.log_softmax(m(images.float() / 255), 1) for m in (prob.model, model))
         return float(torch.nn.functional.kl_div(now, reference, log_target=True, reduction="batchmean"))
 
-    loose = get_method("tmu", **options).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    loose = get_method("tmu", **options, held_out_weight=0.0).unlearn(prob.model, prob.meta, data, DEVICE, None)
     assert loose.details["twin_images"] == {"guard": len(twin) // 2, "held_out": 0}
     anchored = get_method("tmu", **options, held_out_weight=10.0).unlearn(prob.model, prob.meta, data, DEVICE, None)
     assert anchored.details["twin_images"] == {"guard": len(twin) // 2, "held_out": len(twin) - len(twin) // 2}
     with torch.no_grad():
         assert drift(anchored.model) < drift(loose.model) / 2
-    assert get_method("tmu").options.held_out_weight == 0.0
+    assert get_method("tmu").options.held_out_weight == 10.0
 
 
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):

@@ -40,8 +40,9 @@ def _wipe_pending(workspace, job) -> bool:
                                              set(job.sample_ids))
 
 
-def ask_to_forget(workspace, owner: str) -> tuple[str, list[str]]:
-    """Forget one owner from model m through the service's own intake; returns (job id, its samples)."""
+def ask_to_forget(workspace, owner: str, options: dict | None = None) -> tuple[str, list[str]]:
+    """Forget one owner from model m through the service's own intake (TMU with ``options``, default the fast
+    test options); returns (job id, its samples)."""
     from test_service_support import FAST_TMU
     from tmu_core.forget.intake import ForgetRequest
     from tmu_core.forget.submit import submit_request
@@ -49,7 +50,7 @@ def ask_to_forget(workspace, owner: str) -> tuple[str, list[str]]:
     from tmu_core.state.store import StateStore
 
     answer, created = submit_request(workspace, StateStore.open(workspace),
-                                     ForgetRequest(owner_ids=(owner,), options=FAST_TMU), "m")
+                                     ForgetRequest(owner_ids=(owner,), options=options or FAST_TMU), "m")
     assert created, answer
     with TrainingIndex.open(workspace.index_dir) as index:
         return answer["job_id"], index.ids_for_owners([owner])
