@@ -16,10 +16,11 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   unseen test images (BENCHMARKS.md, 2026-12-07): Delta 1.7 / 1.0 / 10.0 (class / random / owner) against
   4.0 / 5.0 / 6.7, at 1.0 more point of test accuracy lost on the class sets (one 2.4 below the gold), so it
   is not the default. Measured again over five seeds with ``prior_shift`` and ``realign`` (BENCHMARKS.md, "A
-  held-out anchor", 2026-12-07), it is not better either: class-shape Delta 7.3 against 6.9 on the default twin
-  split (5.9 against 6.9 on five new splits), random 3.6 against 4.2, owner 5.4 against 5.9; but the per-example
-  attack's gap on seed 0's random sets 0.059 against 0.043 (target 0.05), and on the quickstart's stream of 21
-  requests it drifts further below the golds on unseen images (5.4 points at worst against 4.5).
+  held-out anchor", 2026-12-07), it is mixed: class-shape Delta 7.3 against 6.9 on the default twin split (5.9
+  against 6.9 on five new splits), random 3.6 against 4.2, owner 5.4 against 5.9; but the per-example attack's
+  gap on seed 0's random sets is 0.059 against 0.043 (target 0.05), and on the quickstart's stream of 21
+  requests it drifts further below the golds on unseen images (5.4 points at worst against 4.5; on ten
+  sequential requests -2.7 against -1.1 on seed 0, -3.9 against -4.5 on seed 1).
 - ``prior_shift=True`` (not in the paper): the easy probabilities of a class that the request takes a large share
   of are scaled down by how much that class's held-out easy rate falls when its share of the training set falls as
   the gold's does (``easy_hard.shift_scale``: Bayes' label-shift correction on temperature-scaled twin logits). A
