@@ -112,10 +112,10 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   the drift budget, 22 of 22 rows within 2 points (largest gap 1.3). Ten sequential owner requests: unseen accuracy
   within -1.4 of every gold on seed 1 (-4.5 without), -0.8 on seed 0 (-1.1), but the mean Delta went 2.9 -> 5.1
   and 3.8 -> 4.1, and the ten requests took 27% and 16% of the retrains' time (15% and 13%). Single requests over
-  five seeds: Delta within a point of the defaults' on every shape, unseen accuracy closer to the gold's (every
-  class set within 2 points), about 3 s more a request (BENCHMARKS.md, "A held-out anchor", 2026-12-07). The
-  twin images are held out, so the term keeps nothing a forgotten sample was part of (the rule of
-  :func:`tmu_core.unlearn.twin.update_prepared`).
+  five seeds: mean Delta within 0.3 of the defaults' on every shape, unseen accuracy closer to the gold's (every
+  class set within 2 points, on the default and on five new twin splits), about 3 s more a request
+  (BENCHMARKS.md, "A held-out anchor", 2026-12-07). The twin images are held out, so the term keeps nothing a
+  forgotten sample was part of (the rule of :func:`tmu_core.unlearn.twin.update_prepared`).
 - ``cf_lr=0.01`` as an absolute value: a tenth of the unlearning fine-tune's rate would leave the
   curriculum model at its random initialisation after two epochs.
 """
