@@ -94,6 +94,20 @@ def test_tmu_s_held_out_anchor_holds_the_twin_images_the_guard_does_not_measure(
     assert get_method("tmu").options.held_out_weight == 10.0
 
 
+def test_a_guard_that_takes_every_twin_image_says_the_held_out_anchor_is_left_with_none(prob, caplog):
+    data = prob.data(prob.forget_ids(0, 10))
+    twin = len(data.twin_ids)
+    options = {**FAST, "guard_drop": 2.0, "held_out_weight": 10.0, "max_steps": 2}
+    with caplog.at_level("WARNING", logger="tmu_core.unlearn.tmu"):
+        split = get_method("tmu", **options, guard_size=twin - 1).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert split.details["twin_images"] == {"guard": twin - 1, "held_out": 1}
+    assert "held-out anchor has none" not in caplog.text
+    with caplog.at_level("WARNING", logger="tmu_core.unlearn.tmu"):
+        whole = get_method("tmu", **options, guard_size=twin).unlearn(prob.model, prob.meta, data, DEVICE, None)
+    assert whole.details["twin_images"] == {"guard": twin, "held_out": 0}
+    assert f"guard measures all {twin} twin images" in caplog.text and f"guard_size below {twin}" in caplog.text
+
+
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):
     """Flipped-label samples are hard by construction; the classifier must find them better than chance. (The
     construction ignores that a gold without 30 of a class's 40 samples loses more of it: no prior shift.)"""

@@ -10,6 +10,7 @@ import requests
 
 from e2e_support import assert_serving, audit_kinds, wait_wiped
 from test_service_support import FAST_TMU
+from tmu_core.forget.artifacts import artifacts_dir
 from tmu_core.index import TrainingIndex
 from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import ServiceConfig, in_process
@@ -27,6 +28,17 @@ def _wait(service, job_id: str, timeout: float = 180) -> dict:
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def _wait_prepared(service, job_id: str, timeout: float = 120) -> dict:
+    """The job's ``followup`` once the next version's artifacts are ready (they are prepared after it succeeds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{service.url}/jobs/{job_id}", headers=service.headers(), timeout=10).json()
+        if (job.get("followup") or {}).get("artifacts") == "ready":
+            return job["followup"]
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id}: the next version was not prepared: {job.get('followup')}")
 
 
 def test_forget_swap_index_audit_rollback(served) -> None:
@@ -59,6 +71,10 @@ def test_forget_swap_index_audit_rollback(served) -> None:
         assert report["samples"] == 4 and report["metrics"]["forget_size"] == 4
         assert report["timings"]["request_to_serving"] > 0
         assert (workspace.version_dir("m", 2) / "report.png").stat().st_size > 0
+        prepared = _wait_prepared(service, job["id"])  # v2's state, made from v1's while v2 was registered
+        assert prepared["preparation"] == "incremental", prepared
+        manifest = json.loads((artifacts_dir(workspace, "m", 2) / "manifest.json").read_text())
+        assert manifest["info"]["parent"] == "m:v1", manifest["info"]
         assert [r.state for r in VersionRegistry(workspace.state_db).versions("m")] == ["superseded", "serving"]
 
         url = f"{service.url}/models/m/rollback"

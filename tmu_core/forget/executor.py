@@ -168,7 +168,8 @@ class LocalExecutor:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-ahead")
-        future = pool.submit(_prepare_version, run.workspace, run.job, run.config, loaded.target,
+        job = run.store.jobs.get(run.job.id)  # as stored since the load step: it names the source version
+        future = pool.submit(_prepare_version, run.workspace, job, run.config, loaded.target,
                              unlearned.outcome.model, saved.meta, loaded.retain_ids, loaded.method)
         pool.shutdown(wait=False)  # the thread ends with its one task
         return future

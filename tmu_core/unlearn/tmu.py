@@ -290,6 +290,10 @@ class TmuMethod(UnlearnMethod):
             others = torch.ones(labels.numel(), dtype=torch.bool)
             others[rows] = False
             rest = others.nonzero().squeeze(1)
+            if not rest.numel():
+                logger.warning("tmu: the guard measures all %d twin images (guard_size %d), so the held-out "
+                               "anchor has none and held_out_weight=%g does nothing; set guard_size below %d",
+                               labels.numel(), opts.guard_size, opts.held_out_weight, labels.numel())
             held_out = TuneSet(images[rest], labels[rest], reference_logits=prepared.twin_logits[rest])
         return guard, level, held_out
 
