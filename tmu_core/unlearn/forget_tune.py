@@ -73,7 +73,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,17 @@ class TuneResult:
     realigned_steps: int = 0
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The samples and models one fine-tune works with (see :func:`forget_finetune`'s arguments)."""
+
+    hard: TuneSet
+    easy: TuneSet
+    retain: TuneSet | None
+    held_out: TuneSet | None
+    anchor: nn.Module | None
+
+
 def hard_loss(logits: torch.Tensor, labels: torch.Tensor, config: TuneConfig) -> torch.Tensor:
     """The bounded hard-sample term (mean over the batch; lower = further from the true class)."""
     if config.hard_objective == "margin":
@@ -293,15 +304,15 @@ def _kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(target_logits, dim=1), reduction="batchmean")
 
 
-def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-               config: TuneConfig, gen: torch.Generator, device: torch.device,
-               one_sided: bool = False, held_out: TuneSet | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _step_loss(model: nn.Module, parts: _Parts, config: TuneConfig, gen: torch.Generator, device: torch.device,
+               one_sided: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step's objective, and, when it comes for free, which hard samples the model classifies correctly.
 
     The hard, easy, retain and held-out batches go through the model together (so batch statistics, in
     ``bn="batch"``, mix them). In eval mode with all hard samples in the batch, their correctness comes from this
     forward pass.
     """
+    hard, easy, retain, held_out = parts.hard, parts.easy, parts.retain, parts.held_out
     share = config.batch_size / max(1, hard.size + easy.size)
     hard_b = _pick(hard, max(1, round(hard.size * share)), gen)
     easy_count = min(config.easy_batch, max(1, round(easy.size * share))) if config.easy_weight > 0 else 0
@@ -323,7 +334,7 @@ def _step_loss(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: TuneSet |
     if easy_b.size:
         loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device, one_sided)
     if retain_b.size:
-        loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, anchor, config, device)
+        loss = loss + config.retain_weight * _retain_term(retain_logits, retain_b, parts.anchor, config, device)
     if held_b.size:
         loss = loss + config.held_out_weight * _kl(held_logits, held_b.reference_logits.to(device))
     if config.bn == "frozen" and hard_b.size == hard.size:
@@ -435,17 +446,16 @@ def _descend(optimiser: torch.optim.Optimizer, loss: torch.Tensor, rate: float, 
     optimiser.step()
 
 
-def _repair(model: nn.Module, keeper: _Guard, easy: TuneSet, retain: TuneSet | None, anchor: nn.Module | None,
-            config: TuneConfig, gen: torch.Generator, device: torch.device, steps: int,
-            held_out: TuneSet | None = None) -> int:
+def _repair(model: nn.Module, keeper: _Guard, parts: _Parts, config: TuneConfig, gen: torch.Generator,
+            device: torch.device, steps: int) -> int:
     """Steps on retained and predicted-easy samples only while the guard set is more than ``guard_drop`` points
     below the guard's level (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
     taken = 0
-    none = _pick(easy, 0, gen)
+    no_hard = replace(parts, hard=_pick(parts.easy, 0, gen))
     while (taken < config.guard_repairs and steps + taken < config.max_steps
            and keeper.accuracy() < keeper.level - config.guard_drop):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, none, easy, retain, anchor, config, gen, device, held_out=held_out)
+            loss, _ = _step_loss(model, no_hard, config, gen, device)
             _descend(keeper.optimiser, loss, config.rate(steps + taken), steps + taken, config)
         taken += 1
     keeper.refused += taken
@@ -460,23 +470,21 @@ def _misaligned(model: nn.Module, hard: TuneSet, easy: TuneSet, easy_start: torc
     return int(_correct(model, hard, device).sum()) + int((~easy_now & easy_start).sum())
 
 
-def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, hard: TuneSet, easy: TuneSet,
-                 retain: TuneSet | None, anchor: nn.Module | None, config: TuneConfig, gen: torch.Generator,
-                 device: torch.device, easy_start: torch.Tensor, budget: float,
-                 held_out: TuneSet | None = None) -> tuple[int, int]:
+def _consolidate(model: nn.Module, optimiser: torch.optim.Optimizer, parts: _Parts, config: TuneConfig,
+                 gen: torch.Generator, device: torch.device, easy_start: torch.Tensor,
+                 budget: float) -> tuple[int, int]:
     """``config.consolidate_steps`` steps after the run is aligned, the easy term one-sided, then two-sided steps
     while more than ``budget`` forget samples are misaligned (see the module docstring); returns how many of each
     were taken."""
     for step in range(config.consolidate_steps):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, one_sided=True,
-                                 held_out=held_out)
+            loss, _ = _step_loss(model, parts, config, gen, device, one_sided=True)
             _descend(optimiser, loss, config.lr, step, config)
     realigned = 0
     while (config.realign and realigned < config.consolidate_steps
-           and _misaligned(model, hard, easy, easy_start, device) > budget):
+           and _misaligned(model, parts.hard, parts.easy, easy_start, device) > budget):
         with _bn_mode(model, config.bn):
-            loss, _ = _step_loss(model, hard, easy, retain, anchor, config, gen, device, held_out=held_out)
+            loss, _ = _step_loss(model, parts, config, gen, device)
             _descend(optimiser, loss, config.lr, config.consolidate_steps + realigned, config)
         realigned += 1
     return config.consolidate_steps, realigned
@@ -513,6 +521,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
                                 f"({held_out.size}), got "
                                 f"{None if held_out.reference_logits is None else tuple(held_out.reference_logits.shape)}")
     started = time.perf_counter()
+    parts = _Parts(hard, easy, retain, held_out, anchor)
     gen, optimiser = generator(config.seed), _optimiser(model, config)
     level = guard_level if config.guard_mode == "repair" else None
     keeper = (_Guard(model, optimiser, guard, config, device, level)
@@ -522,7 +531,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
     budget = config.tolerance * (hard.size + easy.size)
     while True:
         with _bn_mode(model, config.bn):
-            loss, hard_now = _step_loss(model, hard, easy, retain, anchor, config, gen, device, held_out=held_out)
+            loss, hard_now = _step_loss(model, parts, config, gen, device)
         _check_finite(loss, steps, config)
         if hard_now is None:
             hard_now = _correct(model, hard, device)
@@ -552,11 +561,10 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
                 break
         steps += 1
         if keeper is not None and config.guard_mode == "repair":
-            steps += _repair(model, keeper, easy, retain, anchor, config, gen, device, steps, held_out)
+            steps += _repair(model, keeper, parts, config, gen, device, steps)
     consolidated = realigned = 0
     if reason == "aligned" and config.consolidate_steps:
-        consolidated, realigned = _consolidate(model, optimiser, hard, easy, retain, anchor, config, gen, device,
-                                               easy_start, budget, held_out)
+        consolidated, realigned = _consolidate(model, optimiser, parts, config, gen, device, easy_start, budget)
         hard_now, easy_lost = _correct(model, hard, device), None
         if keeper is not None:
             keeper.now = keeper.accuracy()
