@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_unlearn_support import make_problem, state_equal
+from tmu_core.errors import InvalidInputError
 from tmu_core.forget.artifacts import DataPlan, prepare
 from tmu_core.unlearn import UnlearnData, get_method
 from tmu_core.unlearn.common import correct_of, features_over
@@ -112,6 +114,37 @@ def test_the_held_out_reference_is_the_lineages_by_default_and_the_versions_own_
     # A full build measures under its own model whatever the reference: both states of v1 agree.
     for name in ("twin_easy", "class_rates", "twin_margins", "twin_logits", "reference_counts"):
         assert torch.equal(getattr(version_parent.prepared, name), getattr(parent, name)), name
+
+
+def test_the_held_out_anchor_pulls_towards_the_lineage_or_towards_the_version_the_request_starts_from():
+    """On v2 (a state updated from v1's), the anchor's reference logits are v1's with the default
+    ``held_out_reference="lineage"`` and v2's own with ``"version"``; each request ends nearer its reference."""
+    from tmu_core.unlearn.common import logits_of
+    from tmu_core.unlearn.forget_tune import _kl
+
+    parent, _, model, data, _ = _updated(inside_cf=False)
+    request = UnlearnData(problem().source, tuple(data.retain_ids[:6]), tuple(data.retain_ids[6:]), data.twin_ids)
+    twin_images, _ = data.tensors("twin")
+    references = {"lineage": parent.twin_logits, "version": logits_of(model, twin_images, DEVICE).cpu()}
+    pull = {**FAST, "held_out_weight": 100.0, "guard_size": len(data.twin_ids) // 2, "max_steps": 12,
+            "min_steps": 12, "consolidate_steps": 0}
+    ends = {}
+    for name in references:
+        method = get_method("tmu", **pull, held_out_reference=name)
+        method.prepare_from(parent, model, problem().meta, data, DEVICE, None, "m:v1")
+        _, _, held_out = method._twin_sets(request, method.prepared, model, DEVICE)
+        rows = [next(k for k in range(len(twin_images)) if torch.equal(twin_images[k], image))
+                for image in held_out.images]
+        assert torch.equal(held_out.reference_logits, references[name][rows]), name
+        outcome = method.unlearn(model, problem().meta, request, DEVICE, None)
+        assert outcome.details["prepared"] == "memory"
+        ends[name] = logits_of(outcome.model, held_out.images, DEVICE).cpu()
+    lineage, own = (references[name][rows] for name in ("lineage", "version"))
+    assert not torch.equal(lineage, own), "v2 must differ from v1 on the anchor's images"
+    assert _kl(ends["lineage"], lineage) < _kl(ends["version"], lineage)
+    assert _kl(ends["version"], own) < _kl(ends["lineage"], own)
+    with pytest.raises(InvalidInputError, match="held_out_reference"):
+        get_method("tmu", held_out_reference="original")
 
 
 def test_the_curriculum_model_is_retrained_without_the_forgotten_ids_as_a_rebuild_on_them_is():

@@ -195,7 +195,10 @@ class TmuOptions:
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
             guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign,
             held_out_weight: the unlearning fine-tune (see :class:`TuneConfig`); TMU's held-out anchor images are
-            the twin images its guard does not measure, their reference the prepared state's logits on them.
+            the twin images its guard does not measure.
+        held_out_reference: the logits the held-out anchor pulls towards: ``"lineage"``, the prepared state's
+            (with ``reference="lineage"`` those of the version the last full build was made for), or
+            ``"version"``, those of the model the request starts from.
         guard_size: twin images the fine-tune's guard measures (a seeded sample of D_test; all when fewer).
         guard_max_samples: the largest request the guard watches (None: every request).
     """
@@ -256,6 +259,7 @@ class TmuOptions:
     consolidate_steps: int = 60
     realign: bool = TuneConfig.realign
     held_out_weight: float = 10.0
+    held_out_reference: str = "lineage"
     guard_size: int = 256
     guard_max_samples: int | None = 32
 
@@ -287,6 +291,7 @@ class TmuOptions:
         check_choice(owner, "easy_rule", self.easy_rule, EASY_RULES)
         check_choice(owner, "easy_target", self.easy_target, ("none", "held_out"))
         check_choice(owner, "reference", self.reference, REFERENCES)
+        check_choice(owner, "held_out_reference", self.held_out_reference, REFERENCES)
         self.classifier_config()
         self.tune_config()
 

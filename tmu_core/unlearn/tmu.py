@@ -26,6 +26,7 @@ from tmu_core.unlearn.common import (
     copy_model,
     features_over,
     fresh_model,
+    logits_of,
     on_device,
     subset_rows,
 )
@@ -154,7 +155,7 @@ class TmuMethod(UnlearnMethod):
         hard = TuneSet(forget_images[hard_rows], forget_labels[hard_rows])
         easy_labels = forget_labels[easy_rows]
         easy = TuneSet(forget_images[easy_rows], easy_labels, self._easy_targets(prepared, data, easy_labels))
-        guard, guard_level, held_out = self._twin_sets(data, prepared)
+        guard, guard_level, held_out = self._twin_sets(data, prepared, model, device)
         tuned = forget_finetune(unlearned, hard, easy, self._retain_set(data), self.options.tune_config(), device,
                                 anchor=model, guard=guard, guard_level=guard_level, held_out=held_out)
         timings["fine_tune"] = time.perf_counter() - mark
@@ -167,6 +168,7 @@ class TmuMethod(UnlearnMethod):
             "easy_target": self.options.easy_target,
             "cf_per_request": self.options.cf_per_request, "prior_shift": shift_info,
             "twin_images": {"guard": guard.size if guard else 0, "held_out": held_out.size if held_out else 0},
+            "held_out_reference": self.options.held_out_reference,
             "steps": tuned.steps, "stop_reason": tuned.stop_reason, "tune": asdict(tuned),
             "timings": timings, "prepared_info": prepared.info, **cf_info,
         }
@@ -262,7 +264,7 @@ class TmuMethod(UnlearnMethod):
                 targets[labels == label] = level(margins[mine])
         return targets
 
-    def _twin_sets(self, data: UnlearnData, prepared: PreparedTmu
+    def _twin_sets(self, data: UnlearnData, prepared: PreparedTmu, model: nn.Module, device: torch.device
                    ) -> tuple[TuneSet | None, float | None, TuneSet | None]:
         """The twin (held-out) images the fine-tune measures and holds:
 
@@ -270,9 +272,10 @@ class TmuMethod(UnlearnMethod):
           than ``guard_max_samples`` samples: see :mod:`tmu_core.unlearn.options`), and with
           ``reference="lineage"`` the accuracy on them of the version the prepared state's last full build was
           made for (the level the guard's repair steps restore);
-        - the held-out anchor's (``held_out_weight > 0``, else None): the others, with the prepared state's logits
-          on them (the lineage's version's with ``reference="lineage"``). The guard never measures an image the
-          fine-tune trains on.
+        - the held-out anchor's (``held_out_weight > 0``, else None): the others, with the logits it pulls towards:
+          the prepared state's (the lineage's version's with ``reference="lineage"``), or with
+          ``held_out_reference="version"`` those of ``model``, the version the request starts from. The guard
+          never measures an image the fine-tune trains on.
         """
         opts = self.options
         guarded = opts.guard_drop is not None and (opts.guard_max_samples is None
@@ -294,7 +297,9 @@ class TmuMethod(UnlearnMethod):
                 logger.warning("tmu: the guard measures all %d twin images (guard_size %d), so the held-out "
                                "anchor has none and held_out_weight=%g does nothing; set guard_size below %d",
                                labels.numel(), opts.guard_size, opts.held_out_weight, labels.numel())
-            held_out = TuneSet(images[rest], labels[rest], reference_logits=prepared.twin_logits[rest])
+            reference = (prepared.twin_logits[rest] if opts.held_out_reference == "lineage"
+                         else logits_of(model, images[rest], device).cpu())
+            held_out = TuneSet(images[rest], labels[rest], reference_logits=reference)
         return guard, level, held_out
 
     def _retain_set(self, data: UnlearnData) -> TuneSet | None:
