@@ -452,14 +452,18 @@ def _repair(model: nn.Module, keeper: _Guard, parts: _Parts, config: TuneConfig,
     below the guard's level (at most ``guard_repairs``, within ``max_steps``); returns how many were taken."""
     taken = 0
     no_hard = replace(parts, hard=_pick(parts.easy, 0, gen))
-    while (taken < config.guard_repairs and steps + taken < config.max_steps
-           and keeper.accuracy() < keeper.level - config.guard_drop):
+    measured = None  # the guard's accuracy under the weights as they are now, once measured
+    while taken < config.guard_repairs and steps + taken < config.max_steps:
+        measured = keeper.accuracy()
+        if measured >= keeper.level - config.guard_drop:
+            break
         with _bn_mode(model, config.bn):
             loss, _ = _step_loss(model, no_hard, config, gen, device)
             _descend(keeper.optimiser, loss, config.rate(steps + taken), steps + taken, config)
         taken += 1
+        measured = None
     keeper.refused += taken
-    keeper.now = keeper.accuracy()
+    keeper.now = keeper.accuracy() if measured is None else measured
     return taken
 
 
