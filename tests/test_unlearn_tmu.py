@@ -72,7 +72,7 @@ def test_tmu_guards_held_out_accuracy_during_its_fine_tune_of_a_small_request(pr
     assert large.details["tune"]["guard_accuracy_before"] is None
     defaults = get_method("tmu").options
     assert (defaults.guard_drop, defaults.guard_mode, defaults.guard_repairs, defaults.guard_max_samples) == (
-        1.0, "repair", 20, 32)
+        2.0, "repair", 20, 32)
 
 
 def test_tmu_s_held_out_anchor_holds_the_twin_images_the_guard_does_not_measure(prob):
