@@ -20,25 +20,16 @@ from tmu_core.serving import InferenceClient
 pytestmark = pytest.mark.integration
 
 
-def _wait(service, job_id: str, timeout: float = 180) -> dict:
+def _wait(service, job_id: str, timeout: float = 180, until=lambda job: job["state"] in ("succeeded", "failed")
+          ) -> dict:
+    """The job as the service shows it once ``until`` holds (by default: once it has finished)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = requests.get(f"{service.url}/jobs/{job_id}", headers=service.headers(), timeout=10).json()
-        if job["state"] in ("succeeded", "failed"):
+        if until(job):
             return job
         time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
-def _wait_prepared(service, job_id: str, timeout: float = 120) -> dict:
-    """The job's ``followup`` once the next version's artifacts are ready (they are prepared after it succeeds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = requests.get(f"{service.url}/jobs/{job_id}", headers=service.headers(), timeout=10).json()
-        if (job.get("followup") or {}).get("artifacts") == "ready":
-            return job["followup"]
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id}: the next version was not prepared: {job.get('followup')}")
+    raise AssertionError(f"job {job_id} did not get there in {timeout:.0f}s: {job}")
 
 
 def test_forget_swap_index_audit_rollback(served) -> None:
@@ -71,7 +62,9 @@ def test_forget_swap_index_audit_rollback(served) -> None:
         assert report["samples"] == 4 and report["metrics"]["forget_size"] == 4
         assert report["timings"]["request_to_serving"] > 0
         assert (workspace.version_dir("m", 2) / "report.png").stat().st_size > 0
-        prepared = _wait_prepared(service, job["id"])  # v2's state, made from v1's while v2 was registered
+        # v2's state is made from v1's while v2 is registered, and is ready some time after the job succeeded
+        prepared = _wait(service, job["id"], 120, lambda job: (job.get("followup") or {}).get("artifacts") == "ready")
+        prepared = prepared["followup"]
         assert prepared["preparation"] == "incremental", prepared
         manifest = json.loads((artifacts_dir(workspace, "m", 2) / "manifest.json").read_text())
         assert manifest["info"]["parent"] == "m:v1", manifest["info"]
