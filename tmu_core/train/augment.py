@@ -29,6 +29,7 @@ def crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tens
     cols = offsets[1].to(dev)[:, None] + torch.arange(w, device=dev)  # (N, W)
     cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=dev)[:, None, None]
-    # Advanced indices on dims 0, 2, 3 around a slice: the result is (N, H, W, C).
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    # Advanced indices on dims 0, 2, 3 around a slice: the result is (N, H, W, C), so its (N, C, H, W) view is
+    # already in channels-last order, which the CPU keeps (tmu_core.train.loops.cpu_layout).
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return out if out.device.type == "cpu" else out.contiguous()
