@@ -121,6 +121,24 @@ def test_to_float_scales_to_unit_range() -> None:
     torch.testing.assert_close(x.flatten(), torch.tensor([0.0, 0.2, 1.0]))
 
 
+def test_cpu_images_go_to_the_model_channels_last_with_the_same_values_and_outputs() -> None:
+    images, _ = toy_data(6)
+    x = to_float(images, "cpu")
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    plain = images.float().div(255.0)  # the default (N, C, H, W) order
+    assert torch.equal(x, plain)
+    model = fresh_model().eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), model(plain))
+    augmented = crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert augmented.is_contiguous(memory_format=torch.channels_last)
+    model.train()
+    torch.nn.functional.cross_entropy(model(augmented), torch.zeros(6, dtype=torch.long)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    # only the images change order: after a training step on them the weights are still in the default one
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 @pytest.mark.parametrize(
     ("images", "message"),
     [
