@@ -20,6 +20,7 @@ import torch
 from tmu_core.errors import CheckpointError, InvalidInputError
 from tmu_core.preprocess import Preprocess
 from tmu_core.serving.decode import DEFAULT_MAX_PIXELS, DecodedRequest, ImageSpec, decode_request, request_payload
+from tmu_core.train.loops import cpu_layout
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class TorchPredictor:
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            out = self.model(images.to(self.device, non_blocking=True))
+            out = self.model(cpu_layout(images.to(self.device, non_blocking=True)))
         return out.float().cpu().numpy()
 
 
