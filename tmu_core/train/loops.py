@@ -76,9 +76,10 @@ def cpu_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last memory order when it is a batch of images (N, C, H, W) on the CPU, else as it is.
 
     The values and shape are the same; the CPU's convolutions run faster on that order. With ``small_cnn``
-    on 32x32 images, on 2 cores: a forward pass of 256 images 1.6 to 1.8 times, a training step of 96
-    images 1.2 times (BENCHMARKS.md, "Channels-last images on the CPU"). The parameters keep their own order.
-    Other devices are left as they are: the gain there is not measured.
+    on 32x32 images, on 1 or 2 cores: a forward pass of 256 images 1.6 to 1.7 times, a training step of 96
+    images 1.25 to 1.33 times; a ResNet-18 forward pass of 4 photos 1.1 to 1.3 times (BENCHMARKS.md,
+    "Channels-last images on the CPU"). The parameters keep their own order. Other devices are left as they
+    are: the gain there is not measured.
     """
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
