@@ -1,15 +1,18 @@
 """Benchmark: the CPU's convolutions on images in the default (N, C, H, W) memory order against channels-last.
 
 ``tmu_core.train.loops.to_float`` hands every CPU batch of training, unlearning and evaluation to the model in
-channels-last order (``cpu_layout``). This script times the same work both ways, alternating the two so that a
-change in the machine's load hits both, and prints a table: the median of ``--repeats`` timings, in
-milliseconds an image, and the ratio. Rows:
+channels-last order (``tmu_core.device.cpu_layout``). This script times the same work both ways, the two
+interleaved so that a change in the machine's load hits both, and prints a table: the median of ``--repeats``
+timings, in milliseconds an image, and the ratio. Rows:
 
 - ``small_cnn`` (32x32, the ``cpu-small`` network): a forward pass of 256 images (TMU's guard measures 256 held-out
-  images after each fine-tune step) and one Adam step on 96 (a fine-tune step's hard, easy, retained and held-out
-  batches together);
-- torchvision's ResNet-18 (224x224, 10 classes): a forward pass of 4 images (the serving handler's batch) and one
-  Adam step on 8.
+  images after each fine-tune step) and one train-mode Adam step on 96 (about the size of a fine-tune step's hard,
+  easy, retained and held-out batches together; TMU's fine-tune itself runs in eval mode);
+- torchvision's ResNet-18 (224x224, 10 classes): a forward pass of 4 images (the torch serving backend's batch)
+  and one train-mode Adam step on 8.
+
+Each input is put in its order once, outside the timed calls; ``to_float`` pays that copy on every batch, on the
+uint8 images.
 
 Seeded random weights and inputs; nothing is read from disk. Example::
 
@@ -59,7 +62,7 @@ def _time(run: Callable[[], None], calls: int) -> float:
 
 
 def measure(model: nn.Module, shape: tuple[int, ...], kind: str, repeats: int, calls: int) -> dict[str, float]:
-    """Median seconds a call of ``kind`` (``forward`` or ``step``) per memory order, the orders alternating."""
+    """Median seconds a call of ``kind`` (``forward`` or ``step``) per memory order, the orders interleaved."""
     torch.manual_seed(0)
     base = torch.rand(shape)
     model.train(kind == "step")

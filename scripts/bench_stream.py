@@ -20,9 +20,9 @@ when the service reports one) noted, and the first test image of each class is p
 gold of k: a model trained with the original checkpoint's recipe (``meta.recipe``) on the training set minus the
 union of everything forgotten up to k, the quickstart's 100 included. Scores: the accuracy of both on the eval
 split (the service's own drift measure), the absolute gap in accuracy on that union (Delta), and the
-loss-threshold attack's success on the union (``measure``, as a forget job's report uses it); also ACC_Dtest of
-both on the 9,500 test images no model sees (the eval split's 500 among them; only TMU's twin half is left out),
-and each served copy's accuracy on that twin half (its guard's images are among them). Every image is read from a reference index the script builds in ``--work`` from the
+loss-threshold attack's success on the union (``measure``, as a forget job's report uses it); also the accuracy
+of both on the 9,500 test images no model sees ("unseen": the test split less TMU's twin half, the eval split's
+500 among them), and each served copy's accuracy on that twin half (its guard's images are among them). Every image is read from a reference index the script builds in ``--work`` from the
 zip: the service wipes forgotten samples' pixels from its own index.
 
 Golds are cached under ``--work/golds`` by a hash of their training ids and recipe, so runs with and without a
@@ -551,8 +551,8 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 
 COLUMNS = [("k", "k", "{}"), ("owner", "owner_size", "{}"), ("forgotten", "union", "{}"),
            ("served", "version", "v{}"), ("kind", "kind", "{}"), ("ACC eval split served", "acc_test", "{:.1f}"),
-           ("ACC eval split gold", "acc_test_gold", "{:.1f}"), ("ACC_Dtest served", "acc_wide", "{:.1f}"),
-           ("ACC_Dtest gold", "acc_wide_gold", "{:.1f}"), ("ACC twin served", "acc_twin", "{:.1f}"),
+           ("ACC eval split gold", "acc_test_gold", "{:.1f}"), ("ACC unseen served", "acc_wide", "{:.1f}"),
+           ("ACC unseen gold", "acc_wide_gold", "{:.1f}"), ("ACC twin served", "acc_twin", "{:.1f}"),
            ("Delta union", "delta_union", "{:.1f}"),
            ("ASR served", "asr", "{:.1f}"), ("ASR gold", "asr_gold", "{:.1f}"),
            ("request to serving s", "request_to_serving_s", "{:.1f}"), ("live", "live_ok", "{}")]
@@ -574,7 +574,8 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
         print("| " + " | ".join(cells) + " |")
     ratio = summary["time_ratio"]
     first, last = summary["acc_test_first_last"]
-    print(f"\non the eval split (the service's drift measure): served {first:.1f} -> {last:.1f}; against the gold ({summary['rows_with_gold']} of "
+    print(f"\nEval split (the service's drift measure): served {first:.1f} -> {last:.1f}; against the gold "
+          f"({summary['rows_with_gold']} of "
           f"{summary['rows']} rows have one): max gap {_points(summary['max_acc_test_gap'])} (at the end "
           f"{_points(summary['final_acc_test_gap'])}; within 2 points {summary['rows_within_2']} rows; the golds "
           f"span {_span(summary['gold_acc_test_range'])} and move up to {_points(summary['gold_step_max'])} from "
@@ -584,8 +585,8 @@ def print_table(result: dict[str, Any], summary: dict[str, Any]) -> None:
           f"{summary['requests']} requests after the quickstart's"
           + ("" if summary["complete"] else f" (the run stopped before its {len(result['requests']) - 1})"))
     if summary["wide_size"]:
-        print(f"ACC_Dtest, on the {summary['wide_size']} test images no model sees (the eval split among them): max gap "
-              f"below the gold {_points(summary['wide_max_gap'])} (at the end {_points(summary['wide_final_gap'])}); "
+        print(f"Unseen: on the {summary['wide_size']} test images no model sees (the eval split among them): "
+              f"max gap below the gold {_points(summary['wide_max_gap'])} (at the end {_points(summary['wide_final_gap'])}); "
               f"within 2 points {summary['wide_rows_within_2']} of {summary['rows_with_gold']} rows; the golds move "
               f"up to {_points(summary['wide_gold_step_max'])} from one request to the next")
     if summary["single_request_s"] is None:  # a replay: no service, no request times

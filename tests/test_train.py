@@ -21,6 +21,7 @@ from tmu_core.train import (
     CheckpointMeta, TrainConfig, accuracy, channel_stats, extract_features, fit, load_checkpoint,
     predict_logits, save_checkpoint, to_float, train_model,
 )
+from tmu_core.serving.inference import TorchPredictor
 from tmu_core.train.augment import crop_flip
 
 CLASSES = ["a", "b", "c", "d"]
@@ -121,8 +122,8 @@ def test_to_float_scales_to_unit_range() -> None:
     torch.testing.assert_close(x.flatten(), torch.tensor([0.0, 0.2, 1.0]))
 
 
-def test_cpu_images_go_to_the_model_channels_last_with_the_same_values_and_outputs() -> None:
-    images, _ = toy_data(6)
+def test_cpu_images_reach_the_model_channels_last_with_the_same_values_and_outputs() -> None:
+    images, labels = toy_data(6)
     x = to_float(images, "cpu")
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     plain = images.float().div(255.0)  # the default (N, C, H, W) order
@@ -130,13 +131,15 @@ def test_cpu_images_go_to_the_model_channels_last_with_the_same_values_and_outpu
     model = fresh_model().eval()
     with torch.inference_mode():
         torch.testing.assert_close(model(x), model(plain))
-    augmented = crop_flip(x, 2, torch.Generator().manual_seed(0))
-    assert augmented.is_contiguous(memory_format=torch.channels_last)
-    model.train()
-    torch.nn.functional.cross_entropy(model(augmented), torch.zeros(6, dtype=torch.long)).backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    # only the images change order: after a training step on them the weights are still in the default one
-    assert all(p.is_contiguous() for p in model.parameters())
+
+    seen: list[bool] = []  # per forward call: was the input channels-last?
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    predict_logits(model, images, "cpu")
+    fit(model, images, labels, quick_cfg(epochs=1, batch_size=3, augment=True), "cpu")  # 2 batches, cropped
+    TorchPredictor(model, torch.device("cpu")).logits(plain)  # the torch serving backend, given plain images
+    assert len(seen) == 1 + 2 + 1 and all(seen), seen
+
 
 
 @pytest.mark.parametrize(

@@ -101,11 +101,11 @@ def test_a_guard_that_takes_every_twin_image_says_the_held_out_anchor_is_left_wi
     with caplog.at_level("WARNING", logger="tmu_core.unlearn.tmu"):
         split = get_method("tmu", **options, guard_size=twin - 1).unlearn(prob.model, prob.meta, data, DEVICE, None)
     assert split.details["twin_images"] == {"guard": twin - 1, "held_out": 1}
-    assert "held-out anchor has none" not in caplog.text
+    assert "held-out anchor gets none" not in caplog.text
     with caplog.at_level("WARNING", logger="tmu_core.unlearn.tmu"):
         whole = get_method("tmu", **options, guard_size=twin).unlearn(prob.model, prob.meta, data, DEVICE, None)
     assert whole.details["twin_images"] == {"guard": twin, "held_out": 0}
-    assert f"takes all {twin} of them" in caplog.text and f"guard_size below {twin}" in caplog.text
+    assert f"reserves all {twin} twin images" in caplog.text and f"guard_size below {twin}" in caplog.text
 
 
 def test_tmu_hard_predictions_follow_the_constructed_labels(prob):

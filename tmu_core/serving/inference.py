@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tmu_core.device import cpu_layout
 from tmu_core.errors import CheckpointError, InvalidInputError
 from tmu_core.preprocess import Preprocess
 from tmu_core.serving.decode import DEFAULT_MAX_PIXELS, DecodedRequest, ImageSpec, decode_request, request_payload
-from tmu_core.train.loops import cpu_layout
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ def crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tens
         gen: CPU generator that drives the offsets and flips.
 
     Returns:
-        Augmented images (N, C, H, W) on the same device.
+        Augmented images (N, C, H, W) on the same device; on the CPU in channels-last memory order.
     """
     n, _, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=gen)
@@ -30,6 +30,6 @@ def crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tens
     cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=dev)[:, None, None]
     # Advanced indices on dims 0, 2, 3 around a slice: the result is (N, H, W, C), so its (N, C, H, W) view is
-    # already in channels-last order, which the CPU keeps (tmu_core.train.loops.cpu_layout).
+    # already in channels-last order, which the CPU keeps (tmu_core.device.cpu_layout).
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     return out if out.device.type == "cpu" else out.contiguous()

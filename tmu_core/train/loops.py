@@ -13,6 +13,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from tmu_core.device import cpu_layout
 from tmu_core.errors import InvalidInputError
 
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -67,23 +68,10 @@ def check_labels(labels: torch.Tensor, count: int, name: str = "labels") -> None
 
 def to_float(images_u8: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in [0, 1] on ``device``; on the CPU in channels-last memory order
-    (:func:`cpu_layout`)."""
+    (:func:`tmu_core.device.cpu_layout`, applied to the uint8 batch: ``float()`` keeps the order)."""
     check_images(images_u8)
-    return cpu_layout(images_u8.to(device, non_blocking=True).float().div_(255.0))
+    return cpu_layout(images_u8.to(device, non_blocking=True)).float().div_(255.0)
 
-
-def cpu_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last memory order when it is a batch of images (N, C, H, W) on the CPU, else as it is.
-
-    The values and shape are the same; the CPU's convolutions run faster on that order. With ``small_cnn``
-    on 32x32 images, on 1 or 2 cores: a forward pass of 256 images 1.6 to 1.7 times, a training step of 96
-    images 1.25 to 1.33 times; a ResNet-18 forward pass of 4 photos 1.1 to 1.3 times (BENCHMARKS.md,
-    "Channels-last images on the CPU"). The parameters keep their own order. Other devices are left as they
-    are: the gain there is not measured.
-    """
-    if x.device.type == "cpu" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 @contextlib.contextmanager

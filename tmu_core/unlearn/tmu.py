@@ -294,9 +294,8 @@ class TmuMethod(UnlearnMethod):
             others[rows] = False
             rest = others.nonzero().squeeze(1)
             if not rest.numel():
-                logger.warning("tmu: the guard's share of the twin images (guard_size %d) takes all %d of them, "
-                               "so the held-out anchor has none and held_out_weight=%g does nothing; set "
-                               "guard_size below %d",
+                logger.warning("tmu: guard_size %d reserves all %d twin images for the guard; the held-out anchor "
+                               "gets none, so held_out_weight=%g does nothing. Set guard_size below %d",
                                opts.guard_size, labels.numel(), opts.held_out_weight, labels.numel())
             reference = (prepared.twin_logits[rest] if opts.held_out_reference == "lineage"
                          else logits_of(model, images[rest], device).cpu())
