@@ -141,7 +141,6 @@ def test_cpu_images_reach_the_model_channels_last_with_the_same_values_and_outpu
     assert len(seen) == 1 + 2 + 1 and all(seen), seen
 
 
-
 @pytest.mark.parametrize(
     ("images", "message"),
     [

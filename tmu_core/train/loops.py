@@ -73,7 +73,6 @@ def to_float(images_u8: torch.Tensor, device: torch.device | str) -> torch.Tenso
     return cpu_layout(images_u8.to(device, non_blocking=True)).float().div_(255.0)
 
 
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore its previous train/eval mode after it."""
