@@ -516,6 +516,26 @@ def test_consolidation_steps_run_only_after_the_run_is_aligned_and_keep_the_requ
                                                      plain.state_dict().values()))  # the extra steps moved it
 
 
+def test_a_request_aligned_before_its_first_step_is_not_consolidated_and_leaves_the_model_as_it_was():
+    """No sample predicted hard and every easy margin already at its target: the run is aligned at step 0, took no
+    forget step, so there is nothing to repair, and the consolidation steps would only move the model (here the
+    optimiser's weight decay alone would)."""
+    model, hard, easy = _two_blob_model()
+    anchor = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        high = logit_margin(model(easy.images.float() / 255), easy.labels) + 5.0
+    easy = TuneSet(easy.images, easy.labels, high)
+    none_hard = TuneSet(hard.images[:0], hard.labels[:0])
+    cfg = TuneConfig(lr=0.05, max_steps=60, optimizer="sgd", noise_std=0.0, retain_weight=1.0, retain_loss="kl",
+                     consolidate_steps=40, easy_slack=0.25)
+    untouched = copy.deepcopy(model)
+    result = forget_finetune(untouched, none_hard, easy, TuneSet(easy.images, easy.labels), cfg, DEVICE,
+                             anchor=anchor)
+    assert result.stop_reason == "aligned" and result.steps == 0 and result.consolidated_steps == 0
+    assert result.easy_accuracy_after == 100.0
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), model.state_dict().values()))
+
+
 def test_consolidation_that_drags_easy_samples_across_the_boundary_is_followed_by_steps_that_realign_the_run():
     """Easy class-0 samples right beside the hard ones: the consolidation steps' hinge on the hard samples takes
     the easy ones across the boundary too, and two-sided steps bring them back; where no step can (a target the

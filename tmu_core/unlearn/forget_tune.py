@@ -53,7 +53,8 @@ as it is aligned keeps that cost, and on a stream of small requests the costs ad
 when its last step leaves more than ``tolerance`` of the forget samples misaligned (on a class-sized request the
 hinge on the hard samples can drag the easy samples of the same class across the boundary), steps with the
 two-sided easy term follow until the run is aligned again, at most ``consolidate_steps`` of them
-(``realigned_steps`` in the result).
+(``realigned_steps`` in the result). A run aligned before its first step (a request the model already treats as
+unseen) took no forget step, so it has nothing to consolidate and returns the model as it was.
 
 Held-out anchor (``held_out_weight``, 0: off): a KL term on a batch of held-out images (TMU passes the twin images
 the guard does not measure) towards reference logits the caller gives (TMU gives the lineage's version's, kept in
@@ -131,7 +132,8 @@ class TuneConfig:
         easy_slack: logits the easy samples' mean excess over their target margins may be when the stopping rule
             ends the run (None: not checked; ignored when the easy samples carry no targets).
         consolidate_steps: steps after the run is aligned, with the easy term one-sided (see the module
-            docstring); they do not count towards ``max_steps``.
+            docstring); they do not count towards ``max_steps``, and a run aligned before its first step takes
+            none.
         realign: after the consolidation steps, take two-sided steps while more than ``tolerance`` of the forget
             samples are misaligned, at most ``consolidate_steps`` (False: end after the consolidation steps).
         held_out_weight: weight of the KL term towards reference logits on a batch of held-out images (0: off;
@@ -567,7 +569,7 @@ def forget_finetune(model: nn.Module, hard: TuneSet, easy: TuneSet, retain: Tune
         if keeper is not None and config.guard_mode == "repair":
             steps += _repair(model, keeper, parts, config, gen, device, steps)
     consolidated = realigned = 0
-    if reason == "aligned" and config.consolidate_steps:
+    if reason == "aligned" and config.consolidate_steps and steps:
         consolidated, realigned = _consolidate(model, optimiser, parts, config, gen, device, easy_start, budget)
         hard_now, easy_lost = _correct(model, hard, device), None
         if keeper is not None:
