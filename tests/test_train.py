@@ -17,11 +17,11 @@ from tmu_core.cli import cli
 from tmu_core.errors import CheckpointError, InvalidInputError
 from tmu_core.index import TrainingIndex, ingest_image_folder
 from tmu_core.models import build_model
+from tmu_core.serving.inference import TorchPredictor
 from tmu_core.train import (
     CheckpointMeta, TrainConfig, accuracy, channel_stats, extract_features, fit, load_checkpoint,
     predict_logits, save_checkpoint, to_float, train_model,
 )
-from tmu_core.serving.inference import TorchPredictor
 from tmu_core.train.augment import crop_flip
 
 CLASSES = ["a", "b", "c", "d"]
