@@ -30,10 +30,12 @@ drift budget share them; ``--phase golds`` trains them all before any service ru
 by the seed; each gold costs what the quickstart's training does, 70 s on 2 idle CPU cores, several minutes on
 busy ones). ``--phase score`` scores a run again (``runs/<label>/stream.json``, saved after every request, so a
 run cut short can be scored too); with ``--missing-golds skip`` a row without a cached gold keeps only the served
-version's scores. ``--drift-budget``, ``--retrain-after-forgets`` and ``--retrain-after`` (and any ``--serve-arg``) are
-passed to ``tmu-admin serve start`` only when given (its defaults: budget 1.0, ``--drift-hold 2.0``). At the end the script waits (bounded) until no job is queued
-or running, scores the version then serving, counts the exact versions that landed, and stops the stack (also on
-an error or Ctrl-C).
+version's scores. ``--drift-budget``, ``--retrain-after-forgets`` and ``--retrain-after`` (and any
+``--serve-arg``) are passed to ``tmu-admin serve start`` only when given (its defaults: budget 1.0,
+``--drift-hold 2.0``, ``--drift-confidence 0.95``). Each request's row keeps the cost its job recorded (with its
+paired error) and the retrain it found due. At the end the script waits (bounded) until no job is queued or
+running, scores the version then serving, counts the exact versions that landed, and stops the stack (also on an
+error or Ctrl-C).
 
 The default phase ``all`` runs build, golds, stream and score in turn. ``--phase replay`` (then scored) applies the
 same sequence with the library alone, as a forget job does (the state prepared for the serving version, then
@@ -400,11 +402,14 @@ class Run:
             raise SystemExit(f"request {k} {view['state']}: {[(j['id'], j.get('reason')) for j in failed]}")
         job = jobs[0]
         timings = (job.get("result") or {}).get("timings", {})
+        forgetting = (job.get("result") or {}).get("forgetting") or {}
         return {"job": job["id"], "to_version": job.get("to_version"), "wait_s": round(waited, 2),
                 "request_to_serving_s": timings.get("request_to_serving"),
                 "prepare_artifacts_s": timings.get("prepare_artifacts"), "unlearn_s": timings.get("unlearn"),
                 "queue_wait_s": timings.get("queue_wait"),
                 "job_acc_test": ((job.get("result") or {}).get("metrics") or {}).get("acc_test_after"),
+                "job_drift": {k: (forgetting.get("drift") or {}).get(k) for k in ("cost", "cost_se", "forgets")},
+                "retrain_due": (forgetting.get("retrain") or {}).get("due"),
                 "followup_at_next": (job.get("followup") or {}).get("artifacts")}  # the new version's preparation
 
     def drain(self, timeout: float) -> float:

@@ -16,8 +16,8 @@ import pytest
 from test_service_support import make_workspace, record_fake_version
 from tmu_core.cli.common import drift_policy
 from tmu_core.errors import InvalidInputError
-from tmu_core.forget.drift import (DriftPolicy, add_policy_flags, drift_after, exact_drift, policy_flags,
-                                   policy_from, schedule_if_due)
+from tmu_core.forget.drift import (DriftPolicy, add_policy_flags, drift_after, eval_key, exact_drift, paired_se,
+                                   policy_flags, policy_from, right_mask, schedule_if_due)
 from tmu_core.forget.report import forgetting_line
 from tmu_core.state.jobs import JobStore
 from tmu_core.state.store import StateStore
@@ -40,6 +40,47 @@ def test_the_cost_is_counted_from_the_last_exact_version() -> None:
     assert (second["exact_base"], second["cost"], second["forgets"], second["samples"]) == (1, 2.5, 2, 25)
     restart = drift_after(_version(3, "exact", exact_drift(3, 64.2, "2026-02-01T00:00:00+00:00")), 64.2, 64.0, 3)
     assert (restart["exact_base"], restart["cost"], restart["forgets"]) == (3, pytest.approx(0.2), 1)
+
+
+def test_the_cost_carries_the_paired_error_of_the_eval_split_it_was_measured_on() -> None:
+    ids = [f"test/{i:03d}" for i in range(100)]
+    base = [True] * 60 + [False] * 40
+    # 4 images only the exact version gets right, 1 only the new one: 3 points, error sqrt((5 - 9/100) / 99) x 10
+    new = [True] * 56 + [False] * 4 + [True] + [False] * 39
+    key = eval_key(ids)
+    first = drift_after(_version(1, "exact"), 60.0, 57.0, 5, rights=(right_mask(base), right_mask(new)), key=key,
+                        size=100)
+    expected = 100 * ((5 - 0.09) / 99) ** 0.5 / 10
+    assert first["cost"] == 3.0 and first["cost_se"] == pytest.approx(expected, abs=1e-3)
+    assert first["base_right"] == right_mask(base) and first["eval_key"] == key
+    assert paired_se(right_mask(base), right_mask(base), 100) == 0.0
+    # the next version is compared with the exact version's images, not with its source's
+    second = drift_after(_version(2, "approximate", first), 57.0, 58.0, 1, rights=(right_mask(new), right_mask(base)),
+                         key=key, size=100)
+    assert second["cost"] == 2.0 and second["cost_se"] == 0.0  # it gets right exactly what the exact version did
+    # a split that changed since the exact version: no error, the measured cost alone (and no mask carried on)
+    moved = drift_after(_version(2, "approximate", first), 57.0, 56.0, 1, rights=(right_mask(new), right_mask(new)),
+                        key=eval_key(ids[1:] + ["test/new"]), size=100)
+    assert moved["cost"] == 4.0 and "cost_se" not in moved and "base_right" not in moved
+    retrained = exact_drift(3, 61.0, "2026-02-01T00:00:00+00:00", right=right_mask(base), key=key)
+    after_retrain = drift_after(_version(4, "approximate", drift_after(_version(3, "exact", retrained), 61.0, 61.0, 1,
+                                                                       rights=(right_mask(base),) * 2, key=key,
+                                                                       size=100)),
+                                61.0, 58.0, 1, rights=(right_mask(base), right_mask(new)), key=key, size=100)
+    assert after_retrain["exact_base"] == 3 and after_retrain["cost_se"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_budget_and_the_hold_act_on_the_cost_the_split_shows_at_the_policys_confidence() -> None:
+    drift = {"exact_base": 1, "cost": 3.0, "cost_se": 1.5, "forgets": 4, "exact_since": "2026-01-01T00:00:00+00:00"}
+    strict, plain = DriftPolicy(budget=1.0, hold_at=2.0), DriftPolicy(budget=1.0, hold_at=2.0, confidence=0.5)
+    assert strict.evident(drift) == pytest.approx(3.0 - 1.6449 * 1.5, abs=1e-3)  # 0.53: not past 1 point
+    assert strict.due(drift) is None and not strict.holds(drift)
+    assert strict.outlook(drift)["cost_left"] == pytest.approx(0.467, abs=1e-3)
+    assert plain.due(drift).startswith("ACC_Dtest fell 3.00 +- 1.50 points (at least 3.00 at 50% confidence)")
+    assert plain.holds(drift)
+    sure = {**drift, "cost": 6.0}  # 6 - 2.47 = 3.53: past both levels even at 95%
+    assert "at least 3.53 at 95% confidence" in strict.due(sure) and strict.holds(sure)
+    assert strict.due({**drift, "cost_se": None}) is not None  # no error recorded: the measured cost as it is
 
 
 def test_each_limit_makes_a_retrain_due() -> None:
@@ -66,7 +107,7 @@ def test_forget_jobs_are_held_only_past_the_hold_level() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"budget": -1}, {"max_forgets": 0}, {"max_age_s": 0},
-                                 {"hold_at": -1}])
+                                 {"hold_at": -1}, {"confidence": 0.4}, {"confidence": 1.0}])
 def test_a_policy_out_of_range_is_refused(bad: dict) -> None:
     with pytest.raises(InvalidInputError):
         DriftPolicy(**bad)
@@ -74,8 +115,8 @@ def test_a_policy_out_of_range_is_refused(bad: dict) -> None:
 
 def test_the_cli_options_and_the_process_flags_carry_the_policy() -> None:
     assert not drift_policy("off", None, None).enabled
-    policy = drift_policy("1.5", 10, "7d", "3")
-    assert policy == DriftPolicy(budget=1.5, max_forgets=10, max_age_s=7 * 86400.0, hold_at=3.0)
+    policy = drift_policy("1.5", 10, "7d", "3", 0.9)
+    assert policy == DriftPolicy(budget=1.5, max_forgets=10, max_age_s=7 * 86400.0, hold_at=3.0, confidence=0.9)
     with pytest.raises(InvalidInputError, match="--drift-budget takes ACC_Dtest points .* or 'off'"):
         drift_policy("lots", None, None)
     with pytest.raises(InvalidInputError, match="--drift-hold takes"):
@@ -93,8 +134,8 @@ def test_the_extension_retrains_past_one_point_and_holds_forgets_past_two_by_def
     for command in (serve_start, extension_start):
         defaults = {param.name: param.default for param in command.params}
         policy = drift_policy(defaults["drift_budget"], defaults["retrain_after_forgets"], defaults["retrain_after"],
-                              defaults["drift_hold"])
-        assert policy == DriftPolicy(budget=1.0, hold_at=2.0), command.name
+                              defaults["drift_hold"], defaults["drift_confidence"])
+        assert policy == DriftPolicy(budget=1.0, hold_at=2.0, confidence=0.95), command.name
 
 
 def test_a_model_has_one_queued_or_running_retrain_beside_its_forget_jobs(tmp_path: Path) -> None:
@@ -159,6 +200,8 @@ def test_a_report_says_what_kind_of_forgetting_was_done() -> None:
                                     "since exact v1; no exact retrain is scheduled (drift budget off)")
     budget = {**off, "retrain": DriftPolicy(budget=1.0, max_forgets=5).outlook(drift)}
     assert forgetting_line(budget).endswith("next exact retrain: 0.60 points of budget left, 3 forget job(s) left")
+    measured = {**off, "drift": {**drift, "cost_se": 1.25}}
+    assert "+0.40 +- 1.25 ACC_Dtest points since exact v1" in forgetting_line(measured)
     queued = {**off, "retrain": {"scheduled": {"job_id": "rj-1", "reason": "r", "queued": True}}}
     assert forgetting_line(queued).endswith("exact retrain rj-1 queued now: r")
     exact = {"kind": "exact", "replaces": 4, "replaces_kind": "approximate"}

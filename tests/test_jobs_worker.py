@@ -133,7 +133,8 @@ def test_a_version_past_the_hold_level_waits_for_the_retrain_instead_of_serving(
 
     def five_points_worse(run, loaded, unlearned):
         metrics = real_evaluate(run, loaded, unlearned)
-        return dataclasses.replace(metrics, acc_test_after=metrics.acc_test_before - 5)
+        # Without the per-image masks the record has no error: the 5 points are taken as measured.
+        return dataclasses.replace(metrics, acc_test_after=metrics.acc_test_before - 5, test_right_after="")
 
     monkeypatch.setattr(pipeline, "_evaluate", five_points_worse)
     store = JobStore(workspace.state_db)
@@ -147,7 +148,7 @@ def test_a_version_past_the_hold_level_waits_for_the_retrain_instead_of_serving(
     assert held.state == "queued" and held.attempts == 0 and held.not_before is None
     assert [s["step"] for s in held.steps] == ["load", "unlearn", "evaluate", "held"]
     assert held.steps[-1]["retrain"] == retrain.id
-    assert "5.00 ACC_Dtest points below exact v1 (hold level 2.0)" in held.reason
+    assert "5.00 points of ACC_Dtest below exact v1 (hold level 2.0)" in held.reason
     assert not workspace.version_dir("m", held.to_version).exists()
     # The held job let go of its number.
     assert VersionRegistry(workspace.state_db).reserve("m", "other", version=held.to_version)

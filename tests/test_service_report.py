@@ -6,8 +6,10 @@ import json
 
 import torch
 
-from tmu_core.models import build_model
+from tmu_core.forget.drift import paired_se, right_mask
 from tmu_core.forget.report import format_report, measure, metrics_dict, ordered_timings, write_report
+from tmu_core.models import build_model
+from tmu_core.train import predict_logits
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -27,9 +29,14 @@ def test_measure_and_write(tmp_path) -> None:
     assert all(0.0 <= v <= 100.0 for v in values)
     same = measure(before, before, forget, test, torch.device("cpu"), hard=None)
     assert same.acc_forget_before == same.acc_forget_after and same.predicted_easy is None
+    # which test images each model got right, for the drift record's paired error; not in the report
+    right = predict_logits(after, test[0], torch.device("cpu")).argmax(1) == test[1]
+    assert metrics.test_right_after == right_mask(right) and same.test_right_before == same.test_right_after
+    assert paired_se(metrics.test_right_before, metrics.test_right_after, 10) is not None
 
     report = {"job_id": "fj-1", "model": "m", "from_version": 1, "to_version": 2, "method": "tmu",
               "metrics": metrics_dict(metrics), "timings": {"register": 3.0, "load": 1.0, "request_to_serving": 9.0}}
+    assert not any(key.startswith("test_right") for key in report["metrics"])
     json_path, png_path = write_report(tmp_path, report)
     assert json.loads(json_path.read_text())["metrics"]["forget_size"] == 6
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

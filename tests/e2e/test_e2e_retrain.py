@@ -75,10 +75,12 @@ def test_the_drift_policy_queues_a_retrain_that_swaps_in_an_exact_version(served
     assert done.kind == "retrain" and done.result["caught_up"] is None
     exact = store.versions.require_serving("m")
     assert (approximate.kind, exact.kind) == ("approximate", "exact")
+    assert approximate.metrics["drift"]["cost_se"] >= 0  # paired with v1 on the same eval images
     assert exact.parent == approximate.version and exact.forget_request == done.id
     assert store.versions.members("m", exact.version) == store.versions.members("m", approximate.version)
     assert not set(samples) & store.versions.members("m", exact.version)
     assert exact.metrics["drift"]["cost"] == 0.0 and exact.metrics["drift"]["exact_base"] == exact.version
+    assert exact.metrics["drift"]["base_right"] and exact.metrics["drift"]["eval_key"]  # its later costs get an error
     assert_serving(workspace, server, exact.version)
     assert load.failures == [] and final == str(exact.version)
     assert str(approximate.version) in load.versions
@@ -146,6 +148,7 @@ def test_samples_forgotten_while_it_trains_are_caught_up_before_it_serves(served
     drift = version.metrics["drift"]
     assert drift["exact_base"] == version.version and drift["forgets"] == 1 and drift["samples"] == len(forgotten)
     assert drift["base_acc_test"] == done.result["metrics"]["acc_test_retrained"]
+    assert drift["cost_se"] >= 0 and drift["base_right"] and drift["eval_key"]  # the catch-up's cost has its error
     _, meta = load_checkpoint(version.checkpoint, "cpu")
     assert meta.recipe["retrain"]["caught_up"]["samples"] == len(forgotten)
     assert_serving(workspace, server, version.version)
@@ -264,7 +267,9 @@ def test_a_forget_whose_version_would_pass_the_hold_waits_for_the_retrain_it_que
     # tiny model's request always loses a little; with it, it may gain.
     forget_id, samples = ask_to_forget(workspace, "owner-d-2", {**FAST_TMU, "held_out_weight": 0.0})
     with _Predictions(infer, _image(workspace)) as load:
-        done = run_dispatched(workspace, forget_id, drift=DriftPolicy(max_forgets=1, hold_at=0.0), timeout=400)
+        # Confidence 0.5: the measured cost as it is, so that any loss reaches level 0.
+        done = run_dispatched(workspace, forget_id, drift=DriftPolicy(max_forgets=1, hold_at=0.0, confidence=0.5),
+                              timeout=400)
     assert done.state == "succeeded" and done.result.get("nothing_to_do"), (done.reason, done.result)
     held = [s for s in done.steps if s["step"] == "held"]
     assert len(held) == 1 and "hold level 0.0" in held[0]["reason"], done.steps

@@ -230,8 +230,9 @@ def extension_group() -> None:
 @executor_options
 @click.pass_obj
 def extension_start(workspace: Workspace, port: int, device: str, retention: str, drift_budget: str,
-                    retrain_after_forgets: int | None, retrain_after: str | None, drift_hold: str, executor: str,
-                    ray_address: str | None, ray_num_cpus: float, ray_num_gpus: float | None) -> None:
+                    retrain_after_forgets: int | None, retrain_after: str | None, drift_hold: str,
+                    drift_confidence: float, executor: str, ray_address: str | None, ray_num_cpus: float,
+                    ray_num_gpus: float | None) -> None:
     """Start the extension service in the background (loopback, token in <home>/serve/extension.key)."""
     from tmu_core.forget.dispatcher import WorkerSettings
     from tmu_core.service import server
@@ -239,7 +240,8 @@ def extension_start(workspace: Workspace, port: int, device: str, retention: str
 
     with tmu_errors():
         worker = WorkerSettings(device=device, retention_s=parse_duration(retention).total_seconds(),
-                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold,
+                                                   drift_confidence),
                                 executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
         info = server.start(workspace, server.ServiceConfig(port=port, worker=worker))
     echo_json(info)

@@ -124,9 +124,9 @@ def _ray_started_json(started) -> dict:
 @click.pass_obj
 def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path | None, timeout: float,
                 no_extension: bool, retention: str, drift_budget: str, retrain_after_forgets: int | None,
-                retrain_after: str | None, drift_hold: str, executor: str, ray_address: str | None,
-                ray_num_cpus: float, ray_num_gpus: float | None, backend: str, replicas: int | None,
-                http_port: int | None) -> None:
+                retrain_after: str | None, drift_hold: str, drift_confidence: float, executor: str,
+                ray_address: str | None, ray_num_cpus: float, ray_num_gpus: float | None, backend: str,
+                replicas: int | None, http_port: int | None) -> None:
     """Start what is not running of TorchServe and the management extension; wait until every model is READY.
 
     A TorchServe that runs is kept (a model it lacks is registered); one that died is started again with each
@@ -136,7 +136,8 @@ def serve_start(workspace: Workspace, models: tuple[str, ...], config_path: Path
     """
     with tmu_errors():
         worker = WorkerSettings(retention_s=parse_duration(retention).total_seconds(),
-                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold),
+                                drift=drift_policy(drift_budget, retrain_after_forgets, retrain_after, drift_hold,
+                                                   drift_confidence),
                                 executor=executor_settings(executor, ray_address, ray_num_cpus, ray_num_gpus))
         if backend == "ray":
             spec = _ray_spec(workspace, ray_address, replicas, http_port)

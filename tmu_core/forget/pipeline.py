@@ -29,7 +29,7 @@ from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
 from tmu_core.forget.commit import kill_point
-from tmu_core.forget.drift import DriftPolicy, HeldForRetrain, drift_after, retrain_to_wait_for
+from tmu_core.forget.drift import DriftPolicy, HeldForRetrain, drift_after, eval_key, retrain_to_wait_for
 from tmu_core.forget.executor import Executor, ExecutorSettings, LocalExecutor, make_executor
 from tmu_core.forget.retry import RetryPolicy
 from tmu_core.service.swap import SwapSettings
@@ -251,7 +251,9 @@ def _run_to_commit(run: _Run) -> bool:
         return False
     unlearned = run.step("unlearn", lambda: _unlearn(run, loaded))
     metrics = run.step("evaluate", lambda: _evaluate(run, loaded, unlearned))
-    drift = drift_after(loaded.source, metrics.acc_test_before, metrics.acc_test_after, len(loaded.forget_ids))
+    drift = drift_after(loaded.source, metrics.acc_test_before, metrics.acc_test_after, len(loaded.forget_ids),
+                        rights=(metrics.test_right_before, metrics.test_right_after),
+                        key=eval_key(loaded.plan.eval_ids), size=metrics.test_size)
     held = retrain_to_wait_for(run.store, run.store.jobs.get(run.job.id), drift, run.config.drift)
     if held is not None:
         raise held

@@ -43,6 +43,8 @@ class ForgetMetrics:
             about ``alpha`` x 100 means D_f looks like unseen data).
         forget_size / test_size: |D_f| and |D_test|.
         predicted_hard / predicted_easy: the method's easy/hard split of D_f (None if it makes none).
+        test_right_before / test_right_after: which images of D_test each model got right
+            (:func:`tmu_core.forget.drift.right_mask`), for the drift record's paired error; not in reports.
     """
 
     acc_test_before: float
@@ -55,15 +57,17 @@ class ForgetMetrics:
     test_size: int
     predicted_hard: int | None
     predicted_easy: int | None
+    test_right_before: str = ""
+    test_right_after: str = ""
 
 
 def _scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-            device: torch.device) -> tuple[float, torch.Tensor]:
+            device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
     from tmu_core.evaluate.metrics import accuracy, sample_losses
     from tmu_core.train import predict_logits
 
     logits = predict_logits(model, images, device)
-    return accuracy(logits, labels), sample_losses(logits, labels)
+    return accuracy(logits, labels), sample_losses(logits, labels), logits.argmax(1).cpu() == labels.cpu()
 
 
 def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
@@ -80,17 +84,20 @@ def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch
     """
     from tmu_core.evaluate.metrics import loss_threshold_attack
 
+    from tmu_core.forget.drift import right_mask
+
     acc = {}
     for name, model in (("before", before), ("after", after)):
-        acc_f, loss_f = _scores(model, *forget, device)
-        acc_t, loss_t = _scores(model, *test, device)
-        acc[name] = (acc_t, acc_f, loss_threshold_attack(loss_f, loss_t, alpha).success_rate)
+        acc_f, loss_f, _ = _scores(model, *forget, device)
+        acc_t, loss_t, right_t = _scores(model, *test, device)
+        acc[name] = (acc_t, acc_f, loss_threshold_attack(loss_f, loss_t, alpha).success_rate, right_mask(right_t))
     size = int(forget[1].numel())
     return ForgetMetrics(acc_test_before=acc["before"][0], acc_test_after=acc["after"][0],
                          acc_forget_before=acc["before"][1], acc_forget_after=acc["after"][1],
                          asr_before=acc["before"][2], asr_after=acc["after"][2], forget_size=size,
                          test_size=int(test[1].numel()), predicted_hard=hard,
-                         predicted_easy=None if hard is None else size - hard)
+                         predicted_easy=None if hard is None else size - hard,
+                         test_right_before=acc["before"][3], test_right_after=acc["after"][3])
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> tuple[Path, Path]:
@@ -180,8 +187,9 @@ def forgetting_line(forgetting: dict[str, Any]) -> str:
                 f"{forgetting.get('method')} (approximate; replaces {forgetting.get('replaces_kind')} "
                 f"v{forgetting.get('replaces')}); its drift counts from the retrained network")
     drift, retrain = forgetting.get("drift") or {}, forgetting.get("retrain") or {}
+    error = f" +- {drift['cost_se']:.2f}" if drift.get("cost_se") is not None else ""
     line = (f"forgetting: approximate ({forgetting.get('method')}), {drift.get('forgets')} forget job(s) and "
-            f"{drift.get('cost', 0):+.2f} ACC_Dtest points since exact v{forgetting.get('exact_base')}")
+            f"{drift.get('cost', 0):+.2f}{error} ACC_Dtest points since exact v{forgetting.get('exact_base')}")
     if forgetting.get("waited_for"):
         line += f" (waited for retrain {', '.join(forgetting['waited_for'])} past the hold level)"
     scheduled = retrain.get("scheduled")
@@ -199,5 +207,5 @@ def forgetting_line(forgetting: dict[str, Any]) -> str:
 
 
 def metrics_dict(metrics: ForgetMetrics) -> dict[str, Any]:
-    """A :class:`ForgetMetrics` as a JSON-ready dict."""
-    return asdict(metrics)
+    """A :class:`ForgetMetrics` as a JSON-ready dict (without the per-image masks)."""
+    return {k: v for k, v in asdict(metrics).items() if not k.startswith("test_right_")}

@@ -40,7 +40,7 @@ from typing import Any
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
-from tmu_core.forget.drift import exact_drift
+from tmu_core.forget.drift import eval_key, exact_drift, paired_se, right_mask
 from tmu_core.forget.pipeline import RETRAIN_STEPS, PipelineConfig, Saved, _forward, _package, _register, _Run
 from tmu_core.state.jobs import Job
 from tmu_core.state.store import StateStore
@@ -196,9 +196,10 @@ def _catch_up(run: _Run, trained: Trained, stale: set[str], ready: _CatchUp | No
     return replace(trained, ids=retain, model=outcome.model, caught_up=caught_up)
 
 
-def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: Any) -> dict[str, Any]:
+def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: Any) -> tuple[dict[str, Any], dict]:
     """ACC on D_test (the jobs' eval split) of the version serving now, of the retrained network and of the one
-    to commit (the same network unless it was caught up)."""
+    to commit (the same network unless it was caught up); and for the drift record, which images the last two got
+    right (:func:`~tmu_core.forget.drift.right_mask`) and the split's :func:`~tmu_core.forget.drift.eval_key`."""
     from tmu_core.evaluate.metrics import accuracy
     from tmu_core.forget.artifacts import plan_data
     from tmu_core.preprocess import Preprocess
@@ -208,12 +209,17 @@ def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: An
     view = run.index.view(Preprocess.from_meta(trained.meta))
     images, labels = view.load(list(plan.eval_ids)), view.labels(list(plan.eval_ids))
     before, _ = load_checkpoint(current.checkpoint, run.device)
-    after = accuracy(predict_logits(trained.model, images, run.device), labels)
+    after = predict_logits(trained.model, images, run.device)
     metrics = {"acc_test_before": accuracy(predict_logits(before, images, run.device), labels),
-               "acc_test_after": after, "test_size": len(plan.eval_ids), "trained_on": len(trained.ids)}
+               "acc_test_after": accuracy(after, labels), "test_size": len(plan.eval_ids),
+               "trained_on": len(trained.ids)}
+    right = {"key": eval_key(plan.eval_ids), "after": right_mask(after.argmax(1).cpu() == labels.cpu())}
+    right["retrained"] = right["after"]
     if trained.caught_up is not None:
-        metrics["acc_test_retrained"] = accuracy(predict_logits(retrained, images, run.device), labels)
-    return metrics
+        exact = predict_logits(retrained, images, run.device)
+        metrics["acc_test_retrained"] = accuracy(exact, labels)
+        right["retrained"] = right_mask(exact.argmax(1).cpu() == labels.cpu())
+    return metrics, right
 
 
 def _save(run: _Run, target: int, trained: Trained) -> Saved:
@@ -235,16 +241,19 @@ def _save(run: _Run, target: int, trained: Trained) -> Saved:
     return Saved(save_checkpoint(folder / "checkpoint.pt", trained.model, meta), meta)
 
 
-def _drift(target: int, trained: Trained, metrics: dict[str, Any]) -> dict[str, Any]:
+def _drift(target: int, trained: Trained, metrics: dict[str, Any], right: dict[str, str]) -> dict[str, Any]:
     """An exact version starts a lineage; a caught-up one starts its own, its cost counted from the retrained
     network's ACC_Dtest (the catch-up is its one forget)."""
     now = datetime.now(timezone.utc).isoformat()
-    drift = exact_drift(target, metrics.get("acc_test_retrained", metrics["acc_test_after"]), now)
+    drift = exact_drift(target, metrics.get("acc_test_retrained", metrics["acc_test_after"]), now,
+                        right=right["retrained"], key=right["key"])
     if trained.caught_up is None:
         return drift
-    return {**drift, "acc_test": metrics["acc_test_after"],
-            "cost": round(drift["base_acc_test"] - metrics["acc_test_after"], 3), "forgets": 1,
-            "samples": trained.caught_up["samples"]}
+    caught_up = {**drift, "acc_test": metrics["acc_test_after"],
+                 "cost": round(drift["base_acc_test"] - metrics["acc_test_after"], 3), "forgets": 1,
+                 "samples": trained.caught_up["samples"]}
+    se = paired_se(right["retrained"], right["after"], metrics["test_size"])
+    return caught_up if se is None else {**caught_up, "cost_se": round(se, 3)}
 
 
 def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
@@ -270,12 +279,12 @@ def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
     stale = _stale(run, trained.ids)
     if stale:
         trained = run.step("catch_up", lambda: _catch_up(run, trained, stale, ready))
-    metrics = run.step("evaluate", lambda: _evaluate(run, current, trained, retrained))
+    metrics, right = run.step("evaluate", lambda: _evaluate(run, current, trained, retrained))
     saved = run.step("save", lambda: _save(run, target, trained))
     loaded = _Target(current, target)
     package = run.step("package", lambda: _package(run, loaded, saved))
     run.step("register", lambda: _register(run, loaded, package))
-    drift = _drift(target, trained, metrics)
+    drift = _drift(target, trained, metrics, right)
     result = _result(run, current, target, trained, metrics, package, drift)
     plan = commit.CommitPlan(model=run.job.model, source=current.version, target=target, archive=package.archive,
                              checkpoint=saved.checkpoint, onnx=package.onnx, members=trained.ids,
