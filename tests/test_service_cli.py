@@ -15,6 +15,7 @@ from tmu_core.cli import cli
 from tmu_core.service import server
 from tmu_core.state.audit import AuditLog
 from tmu_core.state.jobs import JobStore
+from tmu_core.state.versions import VersionRegistry
 from tmu_core.service.server import ServiceConfig, in_process
 
 
@@ -62,6 +63,17 @@ def test_forget_without_a_model_asks_every_model_trained_on_the_samples(running)
     assert len(by_model["m"].sample_ids) == 3
     versions = _run(workspace, "versions", "n")
     assert versions.exit_code == 0 and "forgotten samples: 0; owed again after a rollback: 0" in versions.output
+
+
+def test_versions_show_each_approximate_versions_drift_with_its_error(running) -> None:
+    workspace, _ = running
+    v1 = VersionRegistry(workspace.state_db).get("m", 1)
+    drift = {"exact_base": 1, "base_acc_test": 60.0, "acc_test": 57.6, "cost": 2.4, "cost_se": 1.1, "forgets": 2,
+             "samples": 9, "exact_since": v1.created_at}
+    VersionRegistry(workspace.state_db).record_version("m", 2, v1.archive, v1.checkpoint, None, 1, "fj-x",
+                                                       {"drift": drift})
+    listing = _run(workspace, "versions", "m")
+    assert listing.exit_code == 0 and "+2.40+-1.10" in listing.output, listing.output
 
 
 def test_errors_are_clear(running) -> None:

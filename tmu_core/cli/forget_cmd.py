@@ -128,15 +128,18 @@ def versions(workspace: Workspace, model: str) -> None:
     with tmu_errors():
         body = _client(workspace).versions(model)
     click.echo(f"{'version':<9}{'state':<13}{'kind':<13}{'parent':<8}{'made by':<18}{'trained on':>11}"
-               f"{'drift':>8}  {'created':<28}archive")
+               f"{'drift':>13}  {'created':<28}archive")
     for v in body["versions"]:
         size = "-" if v.get("trained_on") is None else str(v["trained_on"])
         drift = (v.get("metrics") or {}).get("drift")
-        cost = f"{drift['cost']:+.2f}" if drift and v.get("kind") == "approximate" else "-"
+        cost = "-"
+        if drift and v.get("kind") == "approximate":
+            cost = f"{drift['cost']:+.2f}" + (f"+-{drift['cost_se']:.2f}" if drift.get("cost_se") is not None else "")
         click.echo(f"{v['version']:<9}{v['state']:<13}{v.get('kind', '-'):<13}{str(v['parent'] or '-'):<8}"
-                   f"{(v['forget_request'] or '-'):<18}{size:>11}{cost:>8}  {v['created_at'][:26]:<28}"
+                   f"{(v['forget_request'] or '-'):<18}{size:>11}{cost:>13}  {v['created_at'][:26]:<28}"
                    f"{Path(v['archive']).name}")
-    click.echo("drift: ACC_Dtest points lost since the lineage's last exact version")
+    click.echo("drift: ACC_Dtest points lost since the lineage's last exact version (+- its standard error on the "
+               "eval split)")
     click.echo(f"forgotten samples: {body.get('forgotten', 0)}; owed again after a rollback: "
                f"{body.get('owed', 0)}" + (f" (tmu-admin retrain {model} forgets them again)"
                                            if body.get("owed") else ""))
