@@ -653,9 +653,10 @@ def guard_trace(tune: dict[str, Any]) -> dict[str, Any] | None:
 
 def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
     """The stream's requests applied by the library alone, the way a forget job does it: the serving version's
-    TMU state prepared (then, for each next version, updated from its parent's as ``prepare_next`` does), the
-    request unlearned, the result the next request's model. No service, no timings of one: a fast comparison
-    of TMU's options (``--tmu``) on the same sequence and golds. Rows go to ``runs/<label>/stream.json``."""
+    TMU state as the base's quickstart job prepared it (built when the options differ), then for each next version
+    updated from its parent's as ``prepare_next`` does, the request unlearned, the result the next request's
+    model. No service, no timings of one: a fast comparison of TMU's options (``--tmu``) on the same sequence and
+    golds. Rows go to ``runs/<label>/stream.json``."""
     from tmu_core.device import resolve_device
     from tmu_core.forget.artifacts import plan_data
     from tmu_core.preprocess import Preprocess
@@ -669,9 +670,14 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "served").mkdir(parents=True)
     built = json.loads(_paths(args)["build"].read_text())
-    model, meta = load_checkpoint(built["checkpoint"].replace(str(_paths(args)["folder"]), str(_paths(args)["base"])),
-                                  device)
+    checkpoint = Path(built["checkpoint"].replace(str(_paths(args)["folder"]), str(_paths(args)["base"])))
+    model, meta = load_checkpoint(checkpoint, device)
     method, parent = get_method("tmu", **options), None
+    # The service's first request uses the state the quickstart's job prepared for the base's version (an update
+    # of v1's, so its held-out reference is v1's); a copy, so that other options' build never writes into the base.
+    first = folder / "base-artifacts"
+    if (checkpoint.parent / "artifacts").is_dir():
+        shutil.copytree(checkpoint.parent / "artifacts", first)
     with reference_index(args) as reference:
         view = reference.view(Preprocess.from_meta(meta))
         requests = request_sequence(args, reference)
@@ -686,7 +692,8 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
         for k, ids in enumerate(requests[1:], start=1):
             retain = tuple(i for i in plan.train_ids if i not in gone)
             clock = Clock()
-            how = method.prepare_from(parent, model, meta, UnlearnData(view, (), retain, plan.twin_ids), device)
+            how = method.prepare_from(parent, model, meta, UnlearnData(view, (), retain, plan.twin_ids), device,
+                                      workdir=first if k == 1 and first.is_dir() else None)
             prepare_s = clock.read()[0]
             gone |= set(ids)
             data = UnlearnData(view, tuple(ids), tuple(i for i in retain if i not in gone), plan.twin_ids)

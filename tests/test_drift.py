@@ -76,7 +76,7 @@ def test_the_budget_and_the_hold_act_on_the_cost_the_split_shows_at_the_policys_
     assert strict.evident(drift) == pytest.approx(3.0 - 1.6449 * 1.5, abs=1e-3)  # 0.53: not past 1 point
     assert strict.due(drift) is None and not strict.holds(drift)
     assert strict.outlook(drift)["cost_left"] == pytest.approx(0.467, abs=1e-3)
-    assert plain.due(drift).startswith("ACC_Dtest fell 3.00 +- 1.50 points (at least 3.00 at 50% confidence)")
+    assert plain.due(drift) == "ACC_Dtest fell 3.00 +- 1.50 points below exact v1 (budget 1.0)"
     assert plain.holds(drift)
     sure = {**drift, "cost": 6.0}  # 6 - 2.47 = 3.53: past both levels even at 95%
     assert "at least 3.53 at 95% confidence" in strict.due(sure) and strict.holds(sure)

@@ -126,6 +126,8 @@ class DriftPolicy:
         """The cost in words: ``2.40 points``, or ``2.40 +- 1.10 points (at least 0.59 at 95% confidence)``."""
         if drift.get("cost_se") is None:
             return f"{drift['cost']:.2f} points"
+        if self.confidence == 0.5:
+            return f"{drift['cost']:.2f} +- {drift['cost_se']:.2f} points"
         return (f"{drift['cost']:.2f} +- {drift['cost_se']:.2f} points (at least {self.evident(drift):.2f} at "
                 f"{self.confidence:.0%} confidence)")
 
@@ -186,8 +188,9 @@ def paired_se(base_right: str, right: str, size: int) -> float | None:
     return float(100 * diff.std(ddof=1) / math.sqrt(size))
 
 
-def _with_error(record: dict[str, Any], base: dict[str, Any], right: str, key: str, size: int) -> dict[str, Any]:
-    """``record`` with the paired error of its cost when ``base`` kept the exact version's mask of the same split."""
+def with_error(record: dict[str, Any], base: dict[str, Any], right: str, key: str, size: int) -> dict[str, Any]:
+    """``record`` with the paired error of its cost when ``base`` (the exact version's record) kept its mask of the
+    same split; ``right`` is the mask of ``record``'s version."""
     if not key or base.get("eval_key") != key:
         return record
     se = paired_se(base.get("base_right", ""), right, size)
@@ -216,7 +219,7 @@ def drift_after(source: VersionRecord, acc_test_before: float, acc_test_after: f
               "acc_test": acc_test_after, "cost": round(previous["base_acc_test"] - acc_test_after, 3),
               "forgets": previous["forgets"] + 1, "samples": previous["samples"] + samples,
               "exact_since": previous["exact_since"]}
-    return _with_error(record, previous, rights[1], key, size)
+    return with_error(record, previous, rights[1], key, size)
 
 
 def exact_drift(version: int, acc_test: float, created_at: str, right: str = "", key: str = "") -> dict[str, Any]:

@@ -83,7 +83,6 @@ def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch
         alpha: the attack's false-positive rate on non-members.
     """
     from tmu_core.evaluate.metrics import loss_threshold_attack
-
     from tmu_core.forget.drift import right_mask
 
     acc = {}

@@ -40,7 +40,7 @@ from typing import Any
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
-from tmu_core.forget.drift import eval_key, exact_drift, paired_se, right_mask
+from tmu_core.forget.drift import eval_key, exact_drift, right_mask, with_error
 from tmu_core.forget.pipeline import RETRAIN_STEPS, PipelineConfig, Saved, _forward, _package, _register, _Run
 from tmu_core.state.jobs import Job
 from tmu_core.state.store import StateStore
@@ -196,7 +196,8 @@ def _catch_up(run: _Run, trained: Trained, stale: set[str], ready: _CatchUp | No
     return replace(trained, ids=retain, model=outcome.model, caught_up=caught_up)
 
 
-def _evaluate(run: _Run, current: VersionRecord, trained: Trained, retrained: Any) -> tuple[dict[str, Any], dict]:
+def _evaluate(run: _Run, current: VersionRecord, trained: Trained,
+              retrained: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """ACC on D_test (the jobs' eval split) of the version serving now, of the retrained network and of the one
     to commit (the same network unless it was caught up); and for the drift record, which images the last two got
     right (:func:`~tmu_core.forget.drift.right_mask`) and the split's :func:`~tmu_core.forget.drift.eval_key`."""
@@ -252,8 +253,7 @@ def _drift(target: int, trained: Trained, metrics: dict[str, Any], right: dict[s
     caught_up = {**drift, "acc_test": metrics["acc_test_after"],
                  "cost": round(drift["base_acc_test"] - metrics["acc_test_after"], 3), "forgets": 1,
                  "samples": trained.caught_up["samples"]}
-    se = paired_se(right["retrained"], right["after"], metrics["test_size"])
-    return caught_up if se is None else {**caught_up, "cost_se": round(se, 3)}
+    return with_error(caught_up, drift, right["after"], right["key"], metrics["test_size"])
 
 
 def _retrain_to_commit(run: _Run, locks: contextlib.ExitStack) -> bool:
