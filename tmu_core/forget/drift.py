@@ -172,6 +172,11 @@ def right_mask(right: Any) -> str:
     return np.packbits(np.asarray(right, dtype=bool)).tobytes().hex()
 
 
+def right_of(logits: Any, labels: Any) -> str:
+    """:func:`right_mask` of a model's ``logits`` on images with ``labels``."""
+    return right_mask((logits.argmax(1) == labels.to(logits.device)).cpu())
+
+
 def eval_key(eval_ids: Sequence[str]) -> str:
     """A short fingerprint of the eval split's ids, in order: masks of two splits are never compared."""
     return hashlib.sha256("\n".join(eval_ids).encode()).hexdigest()[:16]

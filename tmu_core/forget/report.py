@@ -62,12 +62,13 @@ class ForgetMetrics:
 
 
 def _scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-            device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+            device: torch.device) -> tuple[float, torch.Tensor, str]:
     from tmu_core.evaluate.metrics import accuracy, sample_losses
+    from tmu_core.forget.drift import right_of
     from tmu_core.train import predict_logits
 
     logits = predict_logits(model, images, device)
-    return accuracy(logits, labels), sample_losses(logits, labels), logits.argmax(1).cpu() == labels.cpu()
+    return accuracy(logits, labels), sample_losses(logits, labels), right_of(logits, labels)
 
 
 def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
@@ -83,13 +84,12 @@ def measure(before: torch.nn.Module, after: torch.nn.Module, forget: tuple[torch
         alpha: the attack's false-positive rate on non-members.
     """
     from tmu_core.evaluate.metrics import loss_threshold_attack
-    from tmu_core.forget.drift import right_mask
 
     acc = {}
     for name, model in (("before", before), ("after", after)):
         acc_f, loss_f, _ = _scores(model, *forget, device)
         acc_t, loss_t, right_t = _scores(model, *test, device)
-        acc[name] = (acc_t, acc_f, loss_threshold_attack(loss_f, loss_t, alpha).success_rate, right_mask(right_t))
+        acc[name] = (acc_t, acc_f, loss_threshold_attack(loss_f, loss_t, alpha).success_rate, right_t)
     size = int(forget[1].numel())
     return ForgetMetrics(acc_test_before=acc["before"][0], acc_test_after=acc["after"][0],
                          acc_forget_before=acc["before"][1], acc_forget_after=acc["after"][1],

@@ -40,7 +40,7 @@ from typing import Any
 from tmu_core.config import Workspace
 from tmu_core.errors import InvalidInputError
 from tmu_core.forget import commit, undo
-from tmu_core.forget.drift import eval_key, exact_drift, right_mask, with_error
+from tmu_core.forget.drift import eval_key, exact_drift, right_of, with_error
 from tmu_core.forget.pipeline import RETRAIN_STEPS, PipelineConfig, Saved, _forward, _package, _register, _Run
 from tmu_core.state.jobs import Job
 from tmu_core.state.store import StateStore
@@ -200,7 +200,7 @@ def _evaluate(run: _Run, current: VersionRecord, trained: Trained,
               retrained: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """ACC on D_test (the jobs' eval split) of the version serving now, of the retrained network and of the one
     to commit (the same network unless it was caught up); and for the drift record, which images the last two got
-    right (:func:`~tmu_core.forget.drift.right_mask`) and the split's :func:`~tmu_core.forget.drift.eval_key`."""
+    right (:func:`~tmu_core.forget.drift.right_of`) and the split's :func:`~tmu_core.forget.drift.eval_key`."""
     from tmu_core.evaluate.metrics import accuracy
     from tmu_core.forget.artifacts import plan_data
     from tmu_core.preprocess import Preprocess
@@ -214,12 +214,12 @@ def _evaluate(run: _Run, current: VersionRecord, trained: Trained,
     metrics = {"acc_test_before": accuracy(predict_logits(before, images, run.device), labels),
                "acc_test_after": accuracy(after, labels), "test_size": len(plan.eval_ids),
                "trained_on": len(trained.ids)}
-    right = {"key": eval_key(plan.eval_ids), "after": right_mask(after.argmax(1).cpu() == labels.cpu())}
+    right = {"key": eval_key(plan.eval_ids), "after": right_of(after, labels)}
     right["retrained"] = right["after"]
     if trained.caught_up is not None:
         exact = predict_logits(retrained, images, run.device)
         metrics["acc_test_retrained"] = accuracy(exact, labels)
-        right["retrained"] = right_mask(exact.argmax(1).cpu() == labels.cpu())
+        right["retrained"] = right_of(exact, labels)
     return metrics, right
 
 
