@@ -712,6 +712,7 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
                   f"guard {result['rows'][-1]['guard']}",
                   file=sys.stderr, flush=True)
             (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
+    shutil.rmtree(first, ignore_errors=True)  # the copy served request 1's preparation only
     result["complete"] = True
     (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
     return result

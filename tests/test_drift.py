@@ -54,6 +54,9 @@ def test_the_cost_carries_the_paired_error_of_the_eval_split_it_was_measured_on(
     assert first["cost"] == 3.0 and first["cost_se"] == pytest.approx(expected, abs=1e-3)
     assert first["base_right"] == right_mask(base) and first["eval_key"] == key
     assert paired_se(right_mask(base), right_mask(base), 100) == 0.0
+    # a damaged stored mask (not hex, odd length, not text) or one of another size gives no error, and no exception
+    for damaged in ("zz" * 13, right_mask(base)[:-1], 12345, right_mask(base[:50])):
+        assert paired_se(damaged, right_mask(new), 100) is None
     # the next version is compared with the exact version's images, not with its source's
     second = drift_after(_version(2, "approximate", first), 57.0, 58.0, 1, rights=(right_mask(new), right_mask(base)),
                          key=key, size=100)

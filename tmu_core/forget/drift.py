@@ -183,10 +183,15 @@ def eval_key(eval_ids: Sequence[str]) -> str:
 
 
 def paired_se(base_right: str, right: str, size: int) -> float | None:
-    """The standard error (points) of the accuracy difference of two models scored on the same ``size`` images."""
+    """The standard error (points) of the accuracy difference of two models scored on the same ``size`` images;
+    None where either mask is missing or unreadable (a damaged record then gives the cost as measured, without an
+    error, instead of failing the job that reads it)."""
     if size < 2 or not base_right or not right:
         return None
-    unpack = [np.unpackbits(np.frombuffer(bytes.fromhex(m), dtype=np.uint8))[:size] for m in (base_right, right)]
+    try:
+        unpack = [np.unpackbits(np.frombuffer(bytes.fromhex(m), dtype=np.uint8))[:size] for m in (base_right, right)]
+    except (TypeError, ValueError):
+        return None
     if any(len(u) != size for u in unpack):
         return None
     diff = unpack[0].astype(float) - unpack[1].astype(float)  # 1: only the exact version right; -1: only this one
