@@ -17,6 +17,11 @@ first when missing (one original and one gold a class and seed, about a minute e
 
 Twin images are drawn from all of the class's test images, so they overlap the images the gold is scored on;
 with 1,000 test images a class that shares at most 40% of them at the largest size.
+
+A second table is what ``tmu-admin evaluate`` itself draws from: the protocol's test part (its first
+``test_per_class`` test images of each class, which every ``--split-seed`` splits into twin and eval images) against
+all of the class's test images, under each seed's original, and the gold's accuracy on the forgotten samples
+beside its accuracy on the class's test images.
 """
 
 from __future__ import annotations
@@ -62,19 +67,36 @@ def main() -> None:
     sizes = _numbers(args.twin_per_class)
     errors: dict[tuple[int, str], list[float]] = {}
 
-    def logits_of(ids: list[str], seed: int, role: str) -> torch.Tensor:
+    def model_of(ids: list[str], seed: int, role: str) -> torch.nn.Module:
         cfg = replace(protocol.train, seed=seed)
-        trained = trained_model(index, ids, protocol.arch, cfg, protocol.source, args.cache_dir, device, role)
-        return predict_logits(trained.model, test_images, device, 500)
+        return trained_model(index, ids, protocol.arch, cfg, protocol.source, args.cache_dir, device, role).model
+
+    reader = index if preprocess is None else index.view(preprocess)
+    part_ids = index.ids("test")
+    part_images = reader.load(part_ids)
+    part_labels = torch.as_tensor(index.labels(part_ids), dtype=torch.long)
+    part_rows: list[str] = []
+
+    def accuracy(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> float:
+        mine = labels == cls
+        return 100.0 * (logits[mine].argmax(1) == cls).float().mean().item()
 
     for seed in _numbers(args.seeds):
-        original = logits_of(train_ids, seed, "original")
+        original_model = model_of(train_ids, seed, "original")
+        original = predict_logits(original_model, test_images, device, 500)
+        on_part = predict_logits(original_model, part_images, device, 500)
         draws = draw_forget_sets(index, "class", seed, classes=protocol.forget_classes, size=protocol.forget_size)
         for draw in draws:
             forgotten = set(draw.forget_ids)
-            gold = logits_of([i for i in train_ids if i not in forgotten], seed, "gold")
-            mine = test_labels == draw.forget_class
-            target = 100.0 * (gold[mine].argmax(1) == draw.forget_class).float().mean().item()
+            gold_model = model_of([i for i in train_ids if i not in forgotten], seed, "gold")
+            gold = predict_logits(gold_model, test_images, device, 500)
+            target = accuracy(gold, test_labels, draw.forget_class)
+            on_forget = predict_logits(gold_model, reader.load(list(draw.forget_ids)), device, 500)
+            forget_labels = torch.full((len(draw.forget_ids),), draw.forget_class)
+            part_rows.append(f"| {seed} | {index.classes[draw.forget_class]} | "
+                             f"{accuracy(on_part, part_labels, draw.forget_class):.1f} | "
+                             f"{accuracy(original, test_labels, draw.forget_class):.1f} | {target:.1f} | "
+                             f"{accuracy(on_forget, forget_labels, draw.forget_class):.1f} |")
             share = torch.ones(len(counts))
             share[draw.forget_class] = 1.0 - len(forgotten) / float(counts[draw.forget_class])
             generator = torch.Generator().manual_seed(1000 * seed + draw.forget_class)
@@ -99,6 +121,10 @@ def main() -> None:
         rmse = math.sqrt(statistics.mean(v * v for v in values))
         print(f"| {size} | {name} | {statistics.mean(values):+.1f} | {statistics.mean(map(abs, values)):.1f} | "
               f"{rmse:.1f} |")
+    print(f"\nThe protocol's test part ({protocol.source.test_per_class} a class) against all of the class's test images")
+    print("| seed | class | original on the part | original on all | gold on all | gold on the forgotten samples |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(part_rows))
 
 
 if __name__ == "__main__":
