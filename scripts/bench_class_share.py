@@ -71,9 +71,9 @@ def main() -> None:
         cfg = replace(protocol.train, seed=seed)
         return trained_model(index, ids, protocol.arch, cfg, protocol.source, args.cache_dir, device, role).model
 
-    reader = index if preprocess is None else index.view(preprocess)
+    index_reader = index if preprocess is None else index.view(preprocess)
     part_ids = index.ids("test")
-    part_images = reader.load(part_ids)
+    part_images = index_reader.load(part_ids)
     part_labels = torch.as_tensor(index.labels(part_ids), dtype=torch.long)
     part_rows: list[str] = []
 
@@ -91,7 +91,7 @@ def main() -> None:
             gold_model = model_of([i for i in train_ids if i not in forgotten], seed, "gold")
             gold = predict_logits(gold_model, test_images, device, 500)
             target = accuracy(gold, test_labels, draw.forget_class)
-            on_forget = predict_logits(gold_model, reader.load(list(draw.forget_ids)), device, 500)
+            on_forget = predict_logits(gold_model, index_reader.load(list(draw.forget_ids)), device, 500)
             forget_labels = torch.full((len(draw.forget_ids),), draw.forget_class)
             part_rows.append(f"| {seed} | {index.classes[draw.forget_class]} | "
                              f"{accuracy(on_part, part_labels, draw.forget_class):.1f} | "
@@ -121,7 +121,8 @@ def main() -> None:
         rmse = math.sqrt(statistics.mean(v * v for v in values))
         print(f"| {size} | {name} | {statistics.mean(values):+.1f} | {statistics.mean(map(abs, values)):.1f} | "
               f"{rmse:.1f} |")
-    print(f"\nThe protocol's test part ({protocol.source.test_per_class} a class) against all of the class's test images")
+    print(f"\nThe protocol's test part ({protocol.source.test_per_class} a class) against all of the class's "
+          "test images")
     print("| seed | class | original on the part | original on all | gold on all | gold on the forgotten samples |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(part_rows))
