@@ -58,6 +58,7 @@ import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -675,10 +676,11 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
     method, parent = get_method("tmu", **options), None
     # The service's first request uses the state the quickstart's job prepared for the base's version (an update
     # of v1's, so its held-out reference is v1's); a copy, so that other options' build never writes into the base.
-    first = folder / "base-artifacts"
-    if (checkpoint.parent / "artifacts").is_dir():
-        shutil.copytree(checkpoint.parent / "artifacts", first)
-    with reference_index(args) as reference:
+    # The copy serves request 1's preparation only; it is removed at the end, also when the replay stops part way.
+    with reference_index(args) as reference, tempfile.TemporaryDirectory(dir=folder) as scratch:
+        first = Path(scratch) / "base-artifacts"
+        if (checkpoint.parent / "artifacts").is_dir():
+            shutil.copytree(checkpoint.parent / "artifacts", first)
         view = reference.view(Preprocess.from_meta(meta))
         requests = request_sequence(args, reference)
         plan = plan_data(reference, 0.5, 0)
@@ -712,7 +714,6 @@ def phase_replay(args: argparse.Namespace) -> dict[str, Any]:
                   f"guard {result['rows'][-1]['guard']}",
                   file=sys.stderr, flush=True)
             (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
-    shutil.rmtree(first, ignore_errors=True)  # the copy served request 1's preparation only
     result["complete"] = True
     (folder / "stream.json").write_text(json.dumps(result, indent=2, default=str))
     return result

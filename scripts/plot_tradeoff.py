@@ -11,6 +11,10 @@ is placed at its retraining time). Right: Delta against ACC_Dtest (the gold's AC
 against ACC_wide when every run scored it (``tmu-admin evaluate --wide-test``: far less sampling noise).
 The gold-floor row (a second gold with another seed) is drawn as a dashed line: no method can be read as
 better than that.
+
+Runs given under the same NAME are drawn as one: runs of other methods on the same seed, forget sets and cache
+(e.g. ``class=runs/class-s0/results.json class=runs/class-s0-old/results.json``). Their gold rows must match; each
+method's row is taken from the first run that has it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,29 @@ MARKERS = "osD^v<>P*X"
 
 
 def _runs(specs: list[str]) -> list[tuple[str, dict]]:
-    runs = []
+    """One (name, run) per NAME; runs given under one NAME are merged (see the module docstring)."""
+    runs: dict[str, dict] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise SystemExit(f"give each run as NAME=PATH/results.json, got {spec!r}")
-        runs.append((name, json.loads(Path(path).read_text())))
-    return runs
+        run = json.loads(Path(path).read_text())
+        if name not in runs:
+            runs[name] = {**run, "means": list(run["means"])}
+            continue
+        first = runs[name]
+        if _gold(first) != _gold(run):
+            raise SystemExit(f"{path}: its gold rows differ from those of the first {name} run, so it did not score "
+                             f"the same models; give it another NAME")
+        known = {row["method"] for row in first["means"]}
+        first["means"] += [row for row in run["means"] if row["method"] not in known]
+        first["protocol"] = {**first["protocol"],
+                             "wide_test": first["protocol"].get("wide_test") and run["protocol"].get("wide_test")}
+    return list(runs.items())
+
+
+def _gold(run: dict) -> list[tuple]:
+    return [(row["class_name"], row["acc_df"], row["acc_dtest"]) for row in run["rows"] if row["kind"] == "gold"]
 
 
 def plot(runs: list[tuple[str, dict]], out: Path) -> None:

@@ -57,6 +57,12 @@ def test_the_cost_carries_the_paired_error_of_the_eval_split_it_was_measured_on(
     # a damaged stored mask (not hex, odd length, not text) or one of another size gives no error, and no exception
     for damaged in ("zz" * 13, right_mask(base)[:-1], 12345, right_mask(base[:50])):
         assert paired_se(damaged, right_mask(new), 100) is None
+        # what a forget job computes from a source version whose stored record holds that mask: the cost as
+        # measured, no error, and the damaged mask not carried on to the new version
+        after = drift_after(_version(2, "approximate", {**first, "base_right": damaged}), 57.0, 56.0, 1,
+                            rights=(right_mask(new), right_mask(new)), key=key, size=100)
+        assert after["cost"] == 4.0 and after["forgets"] == 2
+        assert "cost_se" not in after and "base_right" not in after
     # the next version is compared with the exact version's images, not with its source's
     second = drift_after(_version(2, "approximate", first), 57.0, 58.0, 1, rights=(right_mask(new), right_mask(base)),
                          key=key, size=100)
