@@ -12,9 +12,10 @@ against ACC_wide when every run scored it (``tmu-admin evaluate --wide-test``: f
 The gold-floor row (a second gold with another seed) is drawn as a dashed line: no method can be read as
 better than that.
 
-Runs given under the same NAME are drawn as one: runs of other methods on the same seed, forget sets and cache
-(e.g. ``class=runs/class-s0/results.json class=runs/class-s0-old/results.json``). Their gold rows must match; each
-method's row is taken from the first run that has it.
+Runs given under the same NAME are pooled into one marker per method: each point is the mean of the method's mean
+rows over the runs that have it, e.g. one run per seed (``class=runs/class-s0/results.json
+class=runs/class-s1/results.json ...``) or runs of other methods on the same seed and cache. The floor and gold
+lines are then their means too.
 """
 
 from __future__ import annotations
@@ -28,29 +29,33 @@ MARKERS = "osD^v<>P*X"
 
 
 def _runs(specs: list[str]) -> list[tuple[str, dict]]:
-    """One (name, run) per NAME; runs given under one NAME are merged (see the module docstring)."""
-    runs: dict[str, dict] = {}
+    """One (name, run) per NAME; the runs given under one NAME pooled (see the module docstring)."""
+    pooled: dict[str, list[dict]] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise SystemExit(f"give each run as NAME=PATH/results.json, got {spec!r}")
-        run = json.loads(Path(path).read_text())
-        if name not in runs:
-            runs[name] = {**run, "means": list(run["means"])}
-            continue
-        first = runs[name]
-        if _gold(first) != _gold(run):
-            raise SystemExit(f"{path}: its gold rows differ from those of the first {name} run, so it did not score "
-                             f"the same models; give it another NAME")
-        known = {row["method"] for row in first["means"]}
-        first["means"] += [row for row in run["means"] if row["method"] not in known]
-        first["protocol"] = {**first["protocol"],
-                             "wide_test": first["protocol"].get("wide_test") and run["protocol"].get("wide_test")}
-    return list(runs.items())
+        pooled.setdefault(name, []).append(json.loads(Path(path).read_text()))
+    return [(name, _pool(runs)) for name, runs in pooled.items()]
 
 
-def _gold(run: dict) -> list[tuple]:
-    return [(row["class_name"], row["acc_df"], row["acc_dtest"]) for row in run["rows"] if row["kind"] == "gold"]
+def _pool(runs: list[dict]) -> dict:
+    """The runs' mean rows averaged per method over the runs that have it (a run alone is kept as it is)."""
+    if len(runs) == 1:
+        return runs[0]
+    rows: dict[str, list[dict]] = {}
+    for run in runs:
+        for row in run["means"]:
+            rows.setdefault(row["method"], []).append(row)
+    means = []
+    for method, group in rows.items():
+        row = dict(group[0])
+        for key in ("delta", "seconds", "acc_dtest", "acc_wide"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            row[key] = sum(values) / len(values) if len(values) == len(group) else None
+        means.append(row)
+    wide = all(run["protocol"].get("wide_test") for run in runs)
+    return {"protocol": {**runs[0]["protocol"], "wide_test": wide}, "means": means}
 
 
 def plot(runs: list[tuple[str, dict]], out: Path) -> None:
@@ -92,7 +97,7 @@ def plot(runs: list[tuple[str, dict]], out: Path) -> None:
     ax_acc.set_ylabel("Delta (points)")
     shapes = ", ".join(f"{MARKERS[r % len(MARKERS)]} = {name}" for r, (name, _) in enumerate(runs))
     ax_time.legend(fontsize=7, ncol=2, title=f"markers: {shapes}", title_fontsize=7)
-    fig.suptitle("Each method's Delta against its request time and its test accuracy (mean rows of each run)")
+    fig.suptitle("Each method's Delta against its request time and its test accuracy (mean rows; runs of one name pooled)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
