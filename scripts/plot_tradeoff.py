@@ -81,7 +81,7 @@ def plot(runs: list[tuple[str, dict]], out: Path) -> None:
             ax_acc.scatter(row[accuracy], row["delta"], color=colors[method], marker=marker, s=45)
             if method == "tmu":
                 ax_time.annotate(f"{method} ({name})", (row["seconds"], row["delta"]), fontsize=7,
-                                 xytext=(4, 4), textcoords="offset points")
+                                 xytext=((6, 6), (6, -12), (-62, 6))[r % 3], textcoords="offset points")
         floor = rows.get("gold-floor")
         if floor is not None:
             for ax in (ax_time, ax_acc):
