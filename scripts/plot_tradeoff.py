@@ -97,7 +97,8 @@ def plot(runs: list[tuple[str, dict]], out: Path) -> None:
     ax_acc.set_ylabel("Delta (points)")
     shapes = ", ".join(f"{MARKERS[r % len(MARKERS)]} = {name}" for r, (name, _) in enumerate(runs))
     ax_time.legend(fontsize=7, ncol=2, title=f"markers: {shapes}", title_fontsize=7)
-    fig.suptitle("Each method's Delta against its request time and its test accuracy (mean rows; runs of one name pooled)")
+    fig.suptitle("Each method's Delta against its request time and its test accuracy "
+                 "(mean rows; runs of one name pooled)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
