@@ -40,9 +40,7 @@ def _runs(specs: list[str]) -> list[tuple[str, dict]]:
 
 
 def _pool(runs: list[dict]) -> dict:
-    """The runs' mean rows averaged per method over the runs that have it (a run alone is kept as it is)."""
-    if len(runs) == 1:
-        return runs[0]
+    """The runs' mean rows averaged per method over the runs that have it."""
     rows: dict[str, list[dict]] = {}
     for run in runs:
         for row in run["means"]:
