@@ -62,6 +62,11 @@ its prepared state). The retain term holds the function on training samples, whe
 step's cost is hardly seen; what a stream of small requests loses is accuracy on images it was never trained on,
 and this term measures the model there, against the version whose accuracy the stream should keep.
 
+Large requests (``forget_scale``): the hard term is a batch mean and the retain and held-out terms have fixed
+weights, so each hard sample of a 500-sample request is pushed about a fifth as hard as one of a 100-sample
+request, while the model has more to unlearn. Above ``forget_scale`` samples the hard term's weight grows with the
+request's size. The easy term keeps its weight: scaled too, it cost more accuracy on unseen images.
+
 By default the model is fine-tuned in eval mode (``bn="frozen"``), so batch-norm statistics are not skewed by
 the small, one-class forget batches; ``bn="batch"`` normalises with each step's batch instead (gradients then
 have the scale of ordinary training) and still leaves the running statistics unchanged.
@@ -138,6 +143,10 @@ class TuneConfig:
             samples are misaligned, at most ``consolidate_steps`` (False: end after the consolidation steps).
         held_out_weight: weight of the KL term towards reference logits on a batch of held-out images (0: off;
             ``retain_batch`` images a step; see the module docstring).
+        forget_scale: forget samples (hard and easy) above which the hard term weighs with the request: its mean
+            is multiplied by ``(hard + easy) / forget_scale``, so that each hard sample of a large request is
+            pushed against the retain and held-out terms about as hard as one of a ``forget_scale``-sample request
+            (None: its plain mean, whatever the request's size; see the module docstring).
         seed: noise and batch sampling.
     """
 
@@ -166,6 +175,7 @@ class TuneConfig:
     consolidate_steps: int = 0
     realign: bool = True
     held_out_weight: float = 0.0
+    forget_scale: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -196,6 +206,8 @@ class TuneConfig:
             check_range(owner, "easy_slack", self.easy_slack, 0.0)
         check_range(owner, "consolidate_steps", self.consolidate_steps, 0)
         check_range(owner, "held_out_weight", self.held_out_weight, 0.0)
+        if self.forget_scale is not None:
+            check_range(owner, "forget_scale", self.forget_scale, 1)
 
     def rate(self, step: int) -> float:
         """The learning rate of step ``step`` (counted from 0), before any halving by the guard."""
@@ -332,7 +344,8 @@ def _step_loss(model: nn.Module, parts: _Parts, config: TuneConfig, gen: torch.G
         [hard_b.size, easy_b.size, retain_b.size, held_b.size])
     loss = torch.zeros((), device=device)
     if hard_b.size:
-        loss = loss + hard_loss(hard_logits, hard_b.labels.to(device), config)
+        loss = loss + _hard_scale(hard.size + easy.size, config) * hard_loss(hard_logits, hard_b.labels.to(device),
+                                                                             config)
     if easy_b.size:
         loss = loss + config.easy_weight * easy_loss(easy_logits, easy_b, device, one_sided)
     if retain_b.size:
@@ -342,6 +355,11 @@ def _step_loss(model: nn.Module, parts: _Parts, config: TuneConfig, gen: torch.G
     if config.bn == "frozen" and hard_b.size == hard.size:
         return loss, hard_logits.detach().argmax(1) == hard.labels.to(device)
     return loss, None
+
+
+def _hard_scale(samples: int, config: TuneConfig) -> float:
+    """Weight of the hard term for a request of ``samples``: ``samples / forget_scale`` above it, else 1."""
+    return 1.0 if config.forget_scale is None else max(1.0, samples / config.forget_scale)
 
 
 def _check_finite(loss: torch.Tensor, step: int, config: TuneConfig) -> None:

@@ -134,6 +134,14 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   unseen accuracy fell 63.8 -> 60.6 (3.9 at worst, 10 of 22 rows within 2), as without an anchor; on the
   sequential seeds it forgot more (mean Delta 3.8 and 3.1 against 4.1 and 5.1) and fell 2.3 below a gold
   (BENCHMARKS.md, "The held-out anchor's weight and reference").
+- ``forget_scale=100`` (not in the paper): above 100 forget samples the hard term's weight grows with the request
+  (``samples / 100``); up to 100 (every request the defaults above were chosen on) it is 1, and nothing changes.
+  The hard term is a batch mean against fixed retain and held-out weights, so a 500-sample request (a random 10%
+  of ``cpu-small``'s training set) pushed each hard sample a fifth as hard as a 100-sample one: on seed 0's two
+  such sets it ran out of steps with 60% of its hard samples still correct (Delta 18.4 and 24.0, floor 3.0 and
+  0.8). With the scale, Delta 0.0 and 5.6 in the same 120 steps, unseen accuracy 1.8 and 1.9 points below the
+  gold's (0.0 and -0.1 without). Scaling the easy term as well cost 2.7 points of unseen accuracy; 400 steps
+  without the scale reached Delta 1.0 and 6.4 at four times the request time (BENCHMARKS.md, "Random 10%").
 - ``cf_lr=0.01`` as an absolute value: a tenth of the unlearning fine-tune's rate would leave the
   curriculum model at its random initialisation after two epochs.
 """
@@ -212,8 +220,8 @@ class TmuOptions:
         lr, max_steps, min_steps, tolerance, hard_objective, margin, ascent_cap, easy_weight, noise_std,
             retain_weight, retain_loss, retain_batch, batch_size, easy_batch, optimizer, bn, guard_drop,
             guard_halvings, guard_mode, guard_repairs, warmup_steps, easy_slack, consolidate_steps, realign,
-            held_out_weight: the unlearning fine-tune (see :class:`TuneConfig`); TMU's held-out anchor images are
-            the twin images its guard does not measure.
+            held_out_weight, forget_scale: the unlearning fine-tune (see :class:`TuneConfig`); TMU's held-out anchor
+            images are the twin images its guard does not measure.
         held_out_reference: the logits the held-out anchor pulls towards: ``"lineage"``, the prepared state's
             (with ``reference="lineage"`` those of the version the last full build was made for), or
             ``"version"``, those of the model the request starts from.
@@ -280,6 +288,7 @@ class TmuOptions:
     held_out_reference: str = "lineage"
     guard_size: int = 256
     guard_max_samples: int | None = 32
+    forget_scale: int | None = 100
 
     def __post_init__(self) -> None:
         owner = "tmu"
