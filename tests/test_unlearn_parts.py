@@ -581,6 +581,32 @@ def test_the_held_out_anchor_keeps_the_model_s_outputs_on_held_out_images_where_
         forget_finetune(model, hard, easy, None, cfg, DEVICE, held_out=TuneSet(held.images, held.labels))
 
 
+def test_forget_scale_pushes_the_hard_samples_of_a_request_above_it_harder_and_leaves_smaller_ones_as_they_were():
+    """A held-out anchor strong enough to hold the hard samples where they are (the fault: a large request whose
+    batch-mean hard term loses to the fixed anchor and runs out of steps); with ``forget_scale`` below the
+    request's size the hard term weighs with it and the run ends aligned, the anchor's images still right. A
+    request no larger than ``forget_scale`` is tuned exactly as without it."""
+    model, hard, easy = _two_blob_model()  # a request of 3 hard and 6 easy samples
+    held = _guard_near_the_hard_samples(100)
+    with torch.no_grad():
+        held = TuneSet(held.images, held.labels, reference_logits=model(held.images.float() / 255))
+    cfg = TuneConfig(lr=0.003, max_steps=40, optimizer="adam", retain_weight=0.0, noise_std=0.0, easy_weight=0.0,
+                     held_out_weight=30.0)
+    runs = {}
+    for scale in (None, 9, 3):
+        runs[scale] = copy.deepcopy(model)
+        result = forget_finetune(runs[scale], hard, easy, None, TuneConfig(**{**cfg.__dict__, "forget_scale": scale}),
+                                 DEVICE, held_out=held)
+        if scale == 3:  # 9 samples above 3: the hard term weighs 3 times
+            assert result.stop_reason == "aligned" and result.hard_accuracy_after == 0.0
+            assert result.easy_accuracy_after == _guard_accuracy(runs[scale], held) == 100.0
+        else:
+            assert result.stop_reason == "max_steps" and result.hard_accuracy_after == 100.0
+    assert all(torch.equal(a, b) for a, b in zip(runs[None].state_dict().values(), runs[9].state_dict().values()))
+    with pytest.raises(InvalidInputError, match="forget_scale"):
+        TuneConfig(forget_scale=0)
+
+
 def test_the_one_sided_easy_term_pulls_down_margins_above_the_target_and_back_across_the_boundary_only():
     logits = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # margins 5, 1 and -2 for label 0
     part = TuneSet(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),
