@@ -140,7 +140,7 @@ below are means over the three forget sets from the ablation run in BENCHMARKS.m
   of ``cpu-small``'s training set) pushed each hard sample a fifth as hard as a 100-sample one: on seed 0's two
   such sets it ran out of steps with 60% of its hard samples still correct (Delta 18.4 and 24.0, floor 3.0 and
   0.8). With the scale, Delta 0.0 and 5.6 in the same 120 steps, unseen accuracy 1.8 and 1.9 points below the
-  gold's (0.0 and -0.1 without). Scaling the easy term as well cost 2.7 points of unseen accuracy; 400 steps
+  gold's (-0.0 and +0.1 without). Scaling the easy term as well cost 2.7 points of unseen accuracy; 400 steps
   without the scale reached Delta 1.0 and 6.4 at four times the request time. Over five seeds (1 to 4 out of
   sample): mean Delta 4.1 (floor 2.3; SCRUB 11.0), unseen accuracy within 2 points of the gold on 8 of 10 sets
   (2.9 below at worst), but the easy samples stay member-like: LiRA gap 0.141 (a second retrain's 0.017)
